@@ -1,0 +1,54 @@
+"""Small helpers over raw ASGI scopes shared by the middleware layers."""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+from typing import Any
+
+from starlette.types import Scope
+
+# Namespaced keys in scope["state"] (house style: scope["state"]["kars.principal"]).
+PRINCIPAL = "kars.principal"
+LOG_FIELDS = "kars.log"
+SNAPSHOT = "kars.snapshot"
+
+
+def state(scope: Scope) -> dict[str, Any]:
+    st = scope.get("state")
+    if st is None:
+        st = scope["state"] = {}
+    return st  # type: ignore[no-any-return]
+
+
+def header(scope: Scope, name: bytes) -> bytes | None:
+    """The first value of header ``name`` (lower-case bytes), or None."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return value  # type: ignore[no-any-return]
+    return None
+
+
+def without_headers(scope: Scope, names: frozenset[bytes]) -> None:
+    """Drop headers from the scope so no later layer (nor any upstream) sees them."""
+    if any(k in names for k, _ in scope["headers"]):
+        scope["headers"] = [(k, v) for k, v in scope["headers"] if k not in names]
+
+
+def client_host(scope: Scope) -> str | None:
+    client = scope.get("client")
+    return client[0] if client else None
+
+
+@functools.lru_cache(maxsize=4096)
+def parse_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def is_loopback(scope: Scope) -> bool:
+    host = client_host(scope)
+    ip = parse_ip(host) if host else None
+    return ip is not None and ip.is_loopback

@@ -1,0 +1,150 @@
+"""``build_app(settings)``: wires policy, identity, observability and routes into one Starlette app.
+
+The middleware stack is built once here and frozen; the lifespan opens and closes everything
+the app owns (HTTP clients, the policy watcher). Nothing happens at import time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from router import errors, ops
+from router.identity import devtokens, jwks, verifier
+from router.middleware import admin, body_limit, identity, observe
+from router.middleware import errors as error_mw
+from router.observability import metrics as metrics_mod
+from router.policy import store as store_mod
+from router.settings import Settings
+
+log = logging.getLogger("kars.app")
+
+
+@dataclasses.dataclass
+class Runtime:
+    """What one app owns; reachable as ``app.state.kars`` (tests and later layers use it)."""
+
+    settings: Settings
+    metrics: metrics_mod.Metrics
+    policy: store_mod.PolicyStore
+    verifier: verifier.TokenVerifier
+    dev_key: Any
+    http: httpx.AsyncClient
+    ops: ops.Ops
+
+
+def _read_secret(path: Any) -> str | None:
+    if path is None:
+        return None
+    value: str = path.read_text(encoding="utf-8").strip()
+    return value or None
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404/405 rendered in our error shape (keeps its ``Allow`` header)."""
+    assert isinstance(exc, HTTPException)
+    messages = {404: f"no route for {request.url.path}", 405: f"method {request.method} not allowed here"}
+    err = errors.for_status(exc.status_code, messages.get(exc.status_code, str(exc.detail)), headers=exc.headers)
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+def build_app(settings: Settings) -> Starlette:
+    metrics = metrics_mod.Metrics()
+    policy = store_mod.PolicyStore(
+        settings.policy.dir,
+        settings.safety.floor,
+        on_reload=lambda result: metrics.policy_reloads.labels(result).inc(),
+    )
+    http = httpx.AsyncClient(follow_redirects=False, timeout=httpx.Timeout(10.0, connect=5.0))
+    dev_key = devtokens.load_or_create_key(settings.identity.dev_key_file)
+    jwks_cache = None
+    if settings.identity.jwks_url:
+        token_file = settings.identity.jwks_token_file
+        jwks_cache = jwks.JwksCache(
+            settings.identity.jwks_url,
+            http
+            if settings.identity.jwks_ca_file is None
+            else httpx.AsyncClient(verify=str(settings.identity.jwks_ca_file), follow_redirects=False),
+            bearer=(lambda: _read_secret(token_file)) if token_file else None,
+        )
+    token_verifier = verifier.TokenVerifier(
+        audience=settings.identity.audience,
+        dev_key=dev_key,
+        jwks_cache=jwks_cache,
+        issuer=settings.identity.issuer,
+    )
+    operations = ops.Ops(metrics, policy)
+    runtime = Runtime(settings, metrics, policy, token_verifier, dev_key, http, operations)
+
+    routes: list[BaseRoute] = [
+        Route("/healthz", operations.healthz, methods=["GET"]),
+        Route("/readyz", operations.readyz, methods=["GET"]),
+        Route("/metrics", operations.metrics_endpoint, methods=["GET"]),
+        Route("/internal/policy-status", operations.policy_status, methods=["GET"]),
+        Route("/v1/whoami", operations.whoami, methods=["GET"]),
+    ]
+    route_names: dict[Callable[..., Any], str] = {}
+
+    def names() -> dict[Callable[..., Any], str]:
+        if not route_names:
+            for r in app.routes:
+                endpoint = getattr(r, "endpoint", None) or getattr(r, "app", None)
+                if endpoint is not None:
+                    route_names[endpoint] = getattr(r, "path", "")
+        return route_names
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        stop = asyncio.Event()
+        async with contextlib.AsyncExitStack() as stack:
+            stack.push_async_callback(http.aclose)
+            if jwks_cache is not None and jwks_cache._client is not http:
+                stack.push_async_callback(jwks_cache._client.aclose)
+            await policy.reload()
+            watcher = None
+            if settings.policy.watch and settings.policy.dir is not None:
+                watcher = asyncio.create_task(policy.watch(stop), name="kars-policy-watch")
+            try:
+                yield
+            finally:
+                stop.set()
+                if watcher is not None:
+                    await asyncio.gather(watcher, return_exceptions=True)
+
+    middleware = [
+        Middleware(observe.ObserveMiddleware, metrics=metrics, route_names=names),
+        Middleware(error_mw.ErrorMiddleware),
+        Middleware(body_limit.BodyLimitMiddleware, max_body_bytes=settings.limits.max_body_bytes),
+        Middleware(
+            admin.AdminGateMiddleware,
+            token=_read_secret(settings.admin.token_file),
+            loopback_is_admin=settings.server.sandbox is None,
+        ),
+        Middleware(
+            identity.IdentityMiddleware,
+            verifier=token_verifier,
+            sidecar_sandbox=settings.server.sandbox,
+            trusted_proxies=settings.identity.trusted_proxies,
+            metrics=metrics,
+        ),
+    ]
+    app = Starlette(
+        routes=routes,
+        middleware=middleware,
+        exception_handlers={HTTPException: _http_exception},
+        lifespan=lifespan,
+    )
+    app.state.kars = runtime
+    return app

@@ -1,0 +1,98 @@
+"""Identity: attribute each request to a principal, or refuse it with 401 (SPEC.md §1).
+
+Sources, in order: sidecar mode (a loopback caller is the configured sandbox); a bearer token
+(``Authorization: Bearer`` or, for Azure SDKs, ``api-key``) that is a JWT, verified against the
+router's own key or the cluster's JWKS; ``X-A2A-Agent-Subject`` from a trusted proxy. The
+subject header is removed from every request, so no later layer and no upstream sees a forged
+one. A JWT that fails verification is a 401, never a fall-through to a weaker source. Bearer
+values that are not JWTs (the API key an OpenAI client sends) are not credentials of ours.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from router import _asgi, errors
+from router.identity import verifier as verifier_mod
+from router.identity.principal import Principal
+from router.observability import metrics as metrics_mod
+
+SUBJECT_HEADER = b"x-a2a-agent-subject"
+EXEMPT_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+MAX_SUBJECT_CHARS = 512
+
+
+class IdentityMiddleware:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        verifier: verifier_mod.TokenVerifier,
+        sidecar_sandbox: str | None,
+        trusted_proxies: Iterable[str],
+        metrics: metrics_mod.Metrics,
+    ) -> None:
+        self.app = app
+        self._verifier = verifier
+        self._sidecar = Principal("sandbox", sidecar_sandbox, "sidecar") if sidecar_sandbox else None
+        self._proxies = tuple(ipaddress.ip_network(c, strict=False) for c in trusted_proxies)
+        self._metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket") or scope["path"] in EXEMPT_PATHS:
+            return await self.app(scope, receive, send)
+        subject = self._take_subject(scope)
+        st = _asgi.state(scope)
+        if _asgi.PRINCIPAL not in st:  # the admin gate may have decided already
+            try:
+                st[_asgi.PRINCIPAL] = await self._identify(scope, subject)
+            except errors.KarsError as exc:
+                self._metrics.identity_rejections.labels(exc.code).inc()
+                raise
+        await self.app(scope, receive, send)
+
+    def _take_subject(self, scope: Scope) -> bytes | None:
+        """The subject header's value if a trusted proxy sent it; always removed from the scope."""
+        value = _asgi.header(scope, SUBJECT_HEADER)
+        if value is None:
+            return None
+        _asgi.without_headers(scope, frozenset({SUBJECT_HEADER}))
+        host = _asgi.client_host(scope)
+        ip = _asgi.parse_ip(host) if host else None
+        if ip is None or not any(ip in net for net in self._proxies):
+            return None
+        return value
+
+    async def _identify(self, scope: Scope, subject: bytes | None) -> Principal:
+        if self._sidecar is not None and _asgi.is_loopback(scope):
+            return self._sidecar
+        token = _bearer(scope)
+        if token is not None:
+            return await self._verifier.verify(token)
+        if subject is not None:
+            text = subject.decode("latin-1").strip()
+            if not text or len(text) > MAX_SUBJECT_CHARS or not text.isprintable():
+                raise errors.Unauthenticated("malformed X-A2A-Agent-Subject")
+            return Principal("agent", text, "trusted-proxy")
+        if _asgi.header(scope, b"authorization") is not None or _asgi.header(scope, b"api-key") is not None:
+            raise errors.Unauthenticated("credentials are not a token this router accepts")
+        raise errors.Unauthenticated("no credentials", code="missing_credentials")
+
+
+def _bearer(scope: Scope) -> str | None:
+    """A JWT from ``Authorization: Bearer`` or ``api-key``; opaque API keys are ignored."""
+    auth = _asgi.header(scope, b"authorization")
+    if auth is not None:
+        scheme, _, value = auth.decode("latin-1").partition(" ")
+        value = value.strip()
+        if scheme.lower() == "bearer" and verifier_mod.looks_like_jwt(value):
+            return value
+    key = _asgi.header(scope, b"api-key")
+    if key is not None:
+        value = key.decode("latin-1").strip()
+        if verifier_mod.looks_like_jwt(value):
+            return value
+    return None

@@ -1,0 +1,88 @@
+"""Per-request metrics and the JSON access log line (SPEC.md §7).
+
+The outermost layer, so it sees the status the error layer rendered for every refusal.
+Layers add fields to the log line through ``scope["state"]["kars.log"]`` (tokens, decisions);
+the line never holds secrets, prompts, query strings or tool arguments.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from router import _asgi
+from router.observability import logs
+from router.observability import metrics as metrics_mod
+
+UNMATCHED = "unrouted"  # refused before routing (401, 413, ...) or no route (404)
+
+
+class ObserveMiddleware:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        metrics: metrics_mod.Metrics,
+        route_names: Mapping[Callable[..., Any], str] | Callable[[], Mapping[Any, str]],
+    ) -> None:
+        self.app = app
+        self._metrics = metrics
+        self._route_names = route_names
+        self._log = logging.getLogger(logs.ACCESS_LOGGER)
+
+    def _route(self, scope: Scope) -> str:
+        names = self._route_names() if callable(self._route_names) else self._route_names
+        endpoint = scope.get("endpoint")
+        return names.get(endpoint, UNMATCHED) if endpoint is not None else UNMATCHED
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        fields: dict[str, Any] = {}
+        _asgi.state(scope)[_asgi.LOG_FIELDS] = fields
+        status = 0
+        sent = 0
+
+        async def observing_send(message: Message) -> None:
+            nonlocal status, sent
+            kind = message["type"]
+            if kind == "http.response.start" or kind == "websocket.http.response.start":
+                status = message["status"]
+            elif kind == "http.response.body":
+                sent += len(message.get("body", b""))
+            elif kind == "websocket.accept":
+                status = 101
+            await send(message)
+
+        self._metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, observing_send)
+        except BaseException:
+            if status == 0:
+                status = 500  # the error layer outside renders it
+            raise
+        finally:
+            self._metrics.in_flight.dec()
+            elapsed = time.perf_counter() - start
+            route = self._route(scope)
+            method = scope.get("method", "WS")
+            self._metrics.requests.labels(route, method, str(status)).inc()
+            self._metrics.latency.labels(route).observe(elapsed)
+            if self._log.isEnabledFor(logging.INFO):
+                principal = _asgi.state(scope).get(_asgi.PRINCIPAL)
+                line = {
+                    "principal": principal.id if principal is not None else None,
+                    "method": method,
+                    "route": route,
+                    "path": scope["path"],
+                    "status": status,
+                    "latencyMs": round(elapsed * 1000, 3),
+                    "bytesOut": sent,
+                }
+                line.update(fields)
+                self._log.info("request", extra={"fields": line})

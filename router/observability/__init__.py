@@ -1,0 +1,1 @@
+"""Metrics (prometheus-client, ``kars_`` prefix) and JSON logs."""

@@ -1,0 +1,282 @@
+"""Router settings: one YAML file, each key overridable by a ``KARS_*`` environment variable.
+
+The key ``foundry.apiKeyFile`` is overridden by ``KARS_FOUNDRY_API_KEY_FILE`` (SPEC.md §0):
+``KARS_`` + the key path in upper snake case. Environment values are read as YAML scalars,
+so ``KARS_IDENTITY_TRUSTED_PROXIES='[10.0.0.0/8]'`` and ``KARS_LIMITS_MAX_BODY_BYTES=1024``
+work. This is the only module that reads ``os.environ``, once, at start. Everything is
+validated before the router starts; every problem is reported as ``key.path: message``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+import typing
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from router import _validation
+from router.policy import model
+
+ENV_PREFIX = "KARS_"
+DEFAULT_PORT = 8443
+MAX_BODY_BYTES = 4 * 1024 * 1024
+DEFAULT_SCOPE = "https://cognitiveservices.azure.com/.default"
+
+
+class SettingsError(Exception):
+    """Settings that cannot be used; ``lines`` holds one ``key.path: message`` per problem."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, alias_generator=to_camel, populate_by_name=True, strict=False
+    )
+
+
+def _check_sandbox(value: str | None) -> str | None:
+    if value is not None and not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[a-z0-9]([-a-z0-9.]*[a-z0-9])?", value):
+        raise ValueError(f"{value!r} is not NAMESPACE/NAME")
+    return value
+
+
+SandboxId = Annotated[str, pydantic.AfterValidator(_check_sandbox)]
+
+
+def _check_cidr(value: str) -> str:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not a CIDR") from exc
+    return value
+
+
+Cidr = Annotated[str, pydantic.AfterValidator(_check_cidr)]
+
+
+class ServerSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=DEFAULT_PORT, ge=0, le=65535)
+    sandbox: SandboxId | None = None  # sidecar mode: every local caller is this sandbox
+
+
+class PolicySettings(_Section):
+    dir: Path | None = None
+    watch: bool = True
+
+
+class FoundrySettings(_Section):
+    endpoint: str | None = None
+    api_key_file: Path | None = None
+    credential: Literal["workload", "managed", "default", "none"] | None = None
+    scope: str = DEFAULT_SCOPE
+
+    @property
+    def effective_credential(self) -> str:
+        if self.credential is not None:
+            return self.credential
+        return "none" if self.api_key_file is not None else "default"
+
+
+class BudgetSettings(_Section):
+    store: Literal["memory", "sqlite", "redis"] = "sqlite"
+    sqlite_path: Path = Path("./kars-budgets.db")
+    redis_url: str | None = None
+
+    @pydantic.model_validator(mode="after")
+    def _redis_needs_url(self) -> BudgetSettings:
+        if self.store == "redis" and not self.redis_url:
+            raise ValueError("budgets.redisUrl is required when budgets.store is redis")
+        return self
+
+
+class Blocklist(_Section):
+    name: str
+    terms: list[str] = Field(default_factory=list)
+    regexes: list[str] = Field(default_factory=list)
+
+    @pydantic.field_validator("regexes")
+    @classmethod
+    def _compiles(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"regex {pattern!r} does not compile: {exc}") from exc
+        return value
+
+
+class LocalFloor(_Section):
+    prompt_injection: bool = True
+    blocklists: list[Blocklist] = Field(default_factory=list)
+
+
+class SafetySettings(_Section):
+    floor: model.SafetyFloor = Field(default_factory=model.SafetyFloor)
+    content_safety_endpoint: str | None = None
+    content_safety_key_file: Path | None = None
+    local_floor: LocalFloor = Field(default_factory=LocalFloor)
+
+
+class IdentitySettings(_Section):
+    jwks_url: str | None = None
+    jwks_ca_file: Path | None = None  # CA bundle for the JWKS endpoint (the cluster CA in-cluster)
+    jwks_token_file: Path | None = None  # bearer for the JWKS endpoint (the router's own SA token)
+    issuer: str | None = None
+    audience: str = "kars-router"
+    dev_key_file: Path = Path("./kars-dev-key.pem")
+    dev_sandbox: SandboxId | None = "default/dev"  # the sandbox `kars router` prints a dev token for
+    trusted_proxies: list[Cidr] = Field(default_factory=list)
+
+
+class AdminSettings(_Section):
+    token_file: Path | None = None
+
+
+class MeshSettings(_Section):
+    relay_url: str | None = None
+    pair_timeout_s: float = Field(default=30, gt=0)
+
+
+class LimitSettings(_Section):
+    max_body_bytes: int = Field(default=MAX_BODY_BYTES, ge=1)
+
+
+class LogSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    access: bool = True
+
+
+class Settings(_Section):
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    policy: PolicySettings = Field(default_factory=PolicySettings)
+    foundry: FoundrySettings = Field(default_factory=FoundrySettings)
+    budgets: BudgetSettings = Field(default_factory=BudgetSettings)
+    safety: SafetySettings = Field(default_factory=SafetySettings)
+    identity: IdentitySettings = Field(default_factory=IdentitySettings)
+    admin: AdminSettings = Field(default_factory=AdminSettings)
+    mesh: MeshSettings = Field(default_factory=MeshSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+
+
+# -- loading --------------------------------------------------------------------------------
+
+
+def _upper_snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).upper()
+
+
+def _leaf_paths(cls: type[BaseModel], prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    """Every settable key path, as camelCase aliases (``("foundry", "apiKeyFile")``)."""
+    for name, field in cls.model_fields.items():
+        alias = field.alias or name
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from _leaf_paths(annotation, (*prefix, alias))
+        else:
+            yield (*prefix, alias)
+
+
+def env_names() -> dict[str, tuple[str, ...]]:
+    """``KARS_FOUNDRY_API_KEY_FILE`` -> ``("foundry", "apiKeyFile")``, for every key."""
+    return {ENV_PREFIX + "_".join(_upper_snake(p) for p in path): path for path in _leaf_paths(Settings)}
+
+
+def _text_paths() -> set[tuple[str, ...]]:
+    """Key paths whose value is a plain string or path: their env values are taken verbatim."""
+    out = set()
+    for path in _leaf_paths(Settings):
+        cls: type[BaseModel] = Settings
+        for part in path[:-1]:
+            cls = next(f.annotation for f in cls.model_fields.values() if (f.alias or "") == part)  # type: ignore[assignment]
+        field = next(f for f in cls.model_fields.values() if f.alias == path[-1])
+        if field.annotation is not None and all(
+            a in (str, Path, type(None)) for a in (typing.get_args(field.annotation) or (field.annotation,))
+        ):
+            out.add(path)
+    return out
+
+
+def _env_value(raw: str, *, text: bool) -> Any:
+    if raw == "":
+        return None
+    if text:
+        return raw
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def _set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for part in path[:-1]:
+        node = tree.get(part)
+        if not isinstance(node, dict):
+            node = tree[part] = {}
+        tree = node
+    tree[path[-1]] = value
+
+
+def load(
+    config_file: Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[tuple[str, ...], Any] | None = None,
+) -> Settings:
+    """File, then ``KARS_*`` environment, then explicit overrides (CLI flags), validated."""
+    environ = os.environ if environ is None else environ
+    problems: list[str] = []
+    tree: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            data = yaml.safe_load(config_file.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise SettingsError([f"{config_file}: cannot read: {exc.strerror or exc}"]) from exc
+        except yaml.YAMLError as exc:
+            raise SettingsError([f"{config_file}: not valid YAML: {' '.join(str(exc).split())}"]) from exc
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise SettingsError([f"{config_file}: expected a mapping at the top level"])
+        tree = data
+
+    known = env_names()
+    text_paths = _text_paths()
+    for var, raw in sorted(environ.items()):
+        if not var.startswith(ENV_PREFIX):
+            continue
+        path = known.get(var)
+        if path is None:
+            close = difflib.get_close_matches(var, known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            problems.append(f"{var}: unknown setting{hint}")
+            continue
+        _set_path(tree, path, _env_value(raw, text=path in text_paths))
+
+    for path, value in (overrides or {}).items():
+        if value is not None:
+            _set_path(tree, path, value)
+
+    try:
+        settings = Settings.model_validate(tree)
+    except pydantic.ValidationError as exc:
+        problems.extend(_validation.messages(exc))
+        raise SettingsError(problems) from None
+    if problems:
+        raise SettingsError(problems)
+    if settings.policy.dir is not None and not settings.policy.dir.is_dir():
+        raise SettingsError([f"policy.dir: {settings.policy.dir} is not a directory"])
+    return settings
