@@ -52,3 +52,9 @@ def is_loopback(scope: Scope) -> bool:
     host = client_host(scope)
     ip = parse_ip(host) if host else None
     return ip is not None and ip.is_loopback
+
+
+BODY = "kars.body"  # the raw request body, once read (bytes)
+JSON = "kars.json"  # the request body parsed as JSON, once parsed
+USAGE = "kars.usage"  # router.usage.Usage, set by a transport when the upstream reports usage
+UPSTREAM_OUTPUT = "kars.upstream_output"  # True once any upstream output reached the caller

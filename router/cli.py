@@ -47,8 +47,9 @@ def cmd_router(args: argparse.Namespace) -> int:
         token = devtokens.issue(
             application.state.kars.dev_key, ident.dev_sandbox, audience=ident.audience, ttl=devtokens.DEV_TTL
         )
+        hours = devtokens.DEV_TTL.total_seconds() / 3600
         print(
-            f"kars: dev token for sandbox {ident.dev_sandbox} (valid {devtokens.DEV_TTL.total_seconds() / 3600:.0f}h):\n{token}\n"
+            f"kars: dev token for sandbox {ident.dev_sandbox} (valid {hours:.0f}h):\n{token}\n"
             f"kars: try  curl -H 'Authorization: Bearer <token>' "
             f"http://{settings.server.host}:{settings.server.port}/v1/whoami",
             file=sys.stderr,

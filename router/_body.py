@@ -1,0 +1,66 @@
+"""Read a request body once, share it between layers, and replay it to the next one.
+
+Layers that must see the body before forwarding (token budget, content safety, the inference
+transport) call ``read`` or ``read_json``; the first call drains ``receive`` (the body-limit
+layer has already capped it) and caches the bytes in the scope state; each later layer gets
+the cached copy. ``replay`` gives the layer below a ``receive`` that yields the cached body and
+then passes through to the real one (so a client disconnect is still seen).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.types import Message, Receive, Scope
+
+from router import _asgi, errors
+
+
+async def read(scope: Scope, receive: Receive) -> bytes:
+    st = _asgi.state(scope)
+    cached = st.get(_asgi.BODY)
+    if cached is not None:
+        return cached  # type: ignore[no-any-return]
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise errors.InvalidRequest("client disconnected before sending the whole body")
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    body = b"".join(chunks)
+    st[_asgi.BODY] = body
+    return body
+
+
+async def read_json(scope: Scope, receive: Receive) -> Any:
+    """The body parsed as JSON (cached); malformed JSON is a 400 ``invalid_request``."""
+    st = _asgi.state(scope)
+    if _asgi.JSON in st:
+        return st[_asgi.JSON]
+    body = await read(scope, receive)
+    try:
+        parsed = json.loads(body) if body else None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise errors.InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    st[_asgi.JSON] = parsed
+    return parsed
+
+
+def replay(scope: Scope, receive: Receive) -> Receive:
+    """A ``receive`` for the next layer: the cached body first, then the real channel."""
+    body = _asgi.state(scope).get(_asgi.BODY)
+    if body is None:
+        return receive
+    sent = False
+
+    async def replaying() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replaying

@@ -1,0 +1,40 @@
+"""Token usage reported by an upstream, as one event the budget layer settles against.
+
+A transport that learns the usage of a response (the ``usage`` object of a chat, completions,
+embeddings or Responses reply, or the final chunk of a stream) stores one ``Usage`` in
+``scope["state"]["kars.usage"]``. Layers above read it after the response has been sent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def from_payload(cls, usage: Mapping[str, Any] | None) -> Usage | None:
+        """Chat/completions/embeddings (``prompt_tokens``...) or Responses (``input_tokens``...)."""
+        if not isinstance(usage, Mapping):
+            return None
+
+        def count(*names: str) -> int | None:
+            for name in names:
+                value = usage.get(name)
+                if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                    return value
+            return None
+
+        prompt = count("prompt_tokens", "input_tokens")
+        completion = count("completion_tokens", "output_tokens") or 0
+        total = count("total_tokens")
+        if prompt is None and total is None:
+            return None
+        prompt = prompt or 0
+        return cls(prompt, completion, total if total is not None else prompt + completion)

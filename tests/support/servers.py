@@ -1,0 +1,90 @@
+"""Run ASGI apps under a real uvicorn on a free loopback port, in a thread of their own.
+
+The server runs on its own event loop in a background thread, so tests may drive it with
+sync clients (the ``openai`` SDK) or async ones. ``serve`` waits until the server accepts
+connections and always shuts it down, lifespan included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import uvicorn
+
+STARTUP_TIMEOUT_S = 10.0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerThread(threading.Thread):
+    def __init__(self, app: Any, *, host: str = "127.0.0.1", port: int | None = None, **config: Any) -> None:
+        super().__init__(daemon=True, name="uvicorn-test")
+        self.host = host
+        self.port = port or free_port()
+        cfg = uvicorn.Config(
+            app,
+            host=host,
+            port=self.port,
+            loop="asyncio",
+            http="httptools",
+            lifespan="on",
+            access_log=False,
+            log_level="warning",
+            **config,
+        )
+        self.server = uvicorn.Server(cfg)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self.server.serve())
+        except BaseException as exc:  # surfaced by start()
+            self.error = exc
+        finally:
+            self.loop.close()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start_and_wait(self) -> None:
+        self.start()
+        waited = 0.0
+        while not self.server.started:
+            if self.error is not None or not self.is_alive():
+                raise RuntimeError(f"server failed to start: {self.error!r}")
+            threading.Event().wait(0.01)
+            waited += 0.01
+            if waited > STARTUP_TIMEOUT_S:
+                raise TimeoutError("server did not start")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.join(timeout=STARTUP_TIMEOUT_S)
+
+    def call(self, coro: Any, timeout: float = 10.0) -> Any:
+        """Run a coroutine on the server's loop (to inspect app state) and return its result."""
+        assert self.loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+
+@contextlib.contextmanager
+def serve(app: Any, **kwargs: Any) -> Iterator[ServerThread]:
+    thread = ServerThread(app, **kwargs)
+    thread.start_and_wait()
+    try:
+        yield thread
+    finally:
+        thread.stop()
