@@ -225,7 +225,8 @@ class McpServerSpec(Strict):
 class SigningKey(Strict):
     kid: str = Field(min_length=1)
     alg: Literal["EdDSA", "ES256"]
-    public_key_b64u: str | None = None
+    # Spelled as SPEC.md writes it (to_camel would give "publicKeyB64U").
+    public_key_b64u: str | None = Field(default=None, alias="publicKeyB64u")
     jwk: dict[str, str] | None = None
     not_after: Timestamp | None = None
 
@@ -265,7 +266,7 @@ class A2AAgentSpec(Strict):
 class Vertex(Strict):
     id: str = Field(min_length=1)
     alg: Literal["EdDSA"] = "EdDSA"
-    public_key_b64u: str
+    public_key_b64u: str = Field(alias="publicKeyB64u")
 
     @pydantic.field_validator("public_key_b64u")
     @classmethod

@@ -1,0 +1,246 @@
+"""Policy files: strict validation with file:document:field messages, and the compiled snapshot."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from router import cli
+from router.policy import load, model, snapshot, store, trustgraph
+
+NOW = dt.datetime(2026, 11, 22, 12, 0, tzinfo=dt.UTC)
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def write(directory: Path, name: str, text: str) -> Path:
+    path = directory / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def inference(name: str, spec: str, namespace: str = "team-a") -> str:
+    body = textwrap.indent(textwrap.dedent(spec).strip(), "  ")
+    return (
+        "apiVersion: kars.azure.com/v1alpha1\nkind: InferencePolicy\n"
+        f"metadata: {{name: {name}, namespace: {namespace}}}\nspec:\n{body}\n"
+    )
+
+
+def test_examples_validate() -> None:
+    result = load.load_dir(EXAMPLES)
+    assert result.ok, result.lines()
+    kinds = sorted({r.resource.kind for r in result.resources})
+    assert kinds == ["InferencePolicy", "KarsSandbox", "McpServer", "ToolPolicy"]
+
+
+def test_errors_name_file_document_and_field(policy_dir: Path) -> None:
+    good = inference("ok", "tokenBudget: {dailyTokens: 10}")
+    unknown_field = inference("typo", "tokenBudget: {dailyTokens: 10, dialyTokens: 5}")
+    wrong_type = inference("wrong-type", "tokenBudget: {hourlyTokens: lots}")
+    bad_enum = inference("bad-enum", "appliesTo: {action: dance}")
+    write(policy_dir, "p.yaml", "---\n".join([good, unknown_field, wrong_type, bad_enum]))
+    result = load.load_dir(policy_dir)
+    file = str(policy_dir / "p.yaml")
+    assert [r.resource.name for r in result.resources] == ["ok"]
+    assert result.lines() == [
+        f"{file}:2: spec.tokenBudget.dialyTokens: unknown field",
+        f"{file}:3: spec.tokenBudget.hourlyTokens: Input should be a valid integer",
+        f"{file}:4: spec.appliesTo.action: Input should be 'chat', 'responses', 'embeddings', 'image' or '*'",
+    ]
+
+
+def test_strings_are_not_coerced_to_numbers(policy_dir: Path) -> None:
+    write(policy_dir, "p.yaml", inference("quoted", 'tokenBudget: {dailyTokens: "100"}'))
+    assert (
+        load.load_dir(policy_dir).lines()[0].endswith("spec.tokenBudget.dailyTokens: Input should be a valid integer")
+    )
+
+
+def test_cross_field_rules(policy_dir: Path) -> None:
+    write(policy_dir, "p.yaml", inference("inverted", "tokenBudget: {hourlyTokens: 100, dailyTokens: 50}"))
+    (line,) = load.load_dir(policy_dir).lines()
+    assert "dailyTokens (50) must be >= hourlyTokens (100)" in line
+
+
+def test_unknown_kind_and_non_mapping(policy_dir: Path) -> None:
+    write(policy_dir, "a.yaml", "apiVersion: kars.azure.com/v1alpha1\nkind: Budget\nmetadata: {name: x}\nspec: {}\n")
+    write(policy_dir, "b.yaml", "- just\n- a list of strings\n")
+    lines = load.load_dir(policy_dir).lines()
+    assert any("a.yaml:1: kind: unknown kind 'Budget'" in line for line in lines)
+    assert any("b.yaml:1: (document): expected a mapping" in line for line in lines)
+
+
+def test_unparseable_file_is_a_file_error(policy_dir: Path) -> None:
+    write(policy_dir, "broken.yaml", "kind: [unclosed\n")
+    result = load.load_dir(policy_dir)
+    assert not result.ok
+    assert result.file_errors[0].file.endswith("broken.yaml")
+    assert "cannot parse" in result.file_errors[0].message
+
+
+def test_projected_json_lists_and_kubernetes_lists(policy_dir: Path) -> None:
+    doc = {
+        "apiVersion": "kars.azure.com/v1alpha1",
+        "kind": "McpServer",
+        "metadata": {"name": "docs", "namespace": "team-a", "uid": "ignored", "resourceVersion": "7"},
+        "spec": {"url": "http://127.0.0.1:9/mcp"},
+    }
+    (policy_dir / "McpServer.json").write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": [doc]}))
+    other = dict(doc, metadata={"name": "wiki", "namespace": "team-a"})
+    (policy_dir / "more.json").write_text(json.dumps([other]))
+    result = load.load_dir(policy_dir)
+    assert result.ok, result.lines()
+    assert sorted(r.resource.name for r in result.resources) == ["docs", "wiki"]
+
+
+def test_configmap_volume_layout_is_followed(policy_dir: Path) -> None:
+    # kubelet writes ..<timestamp>/file, points ..data at it, and links file -> ..data/file.
+    real = policy_dir / "..2026_11_22_12_00_00.1"
+    real.mkdir()
+    write(real, "InferencePolicy.yaml", inference("cm", "tokenBudget: {dailyTokens: 10}"))
+    (policy_dir / "..data").symlink_to(real.name)
+    (policy_dir / "InferencePolicy.yaml").symlink_to("..data/InferencePolicy.yaml")
+    result = load.load_dir(policy_dir)
+    assert result.ok and [r.resource.name for r in result.resources] == ["cm"]
+
+
+def test_cluster_scoped_trustgraph_refuses_a_namespace(policy_dir: Path) -> None:
+    write(
+        policy_dir,
+        "tg.yaml",
+        "apiVersion: kars.azure.com/v1alpha1\nkind: TrustGraph\nmetadata: {name: g, namespace: x}\nspec: {}\n",
+    )
+    (line,) = load.load_dir(policy_dir).lines()
+    assert "cluster-scoped" in line
+
+
+def test_floor_loosening_is_rejected_with_the_field(policy_dir: Path) -> None:
+    write(policy_dir, "p.yaml", inference("loose", "contentSafety: {violence: High, failOpen: true}"))
+    st = store.PolicyStore(policy_dir, model.SafetyFloor())
+    outcome = st._reload_blocking()
+    assert outcome.result == "error"
+    (err,) = outcome.errors
+    assert "spec.contentSafety.violence: High is looser than the cluster floor (Medium)" in err
+    assert "spec.contentSafety.failOpen: the cluster floor does not allow failOpen" in err
+    assert st.snapshot.inference_policies("team-a", "x", "chat") == ()
+    # A floor that allows it accepts the same policy.
+    permissive = model.SafetyFloor(violence="High", allow_fail_open=True)
+    assert store.PolicyStore(policy_dir, permissive)._reload_blocking().result == "ok"
+
+
+def test_policy_validate_cli_exit_codes(policy_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["policy", "validate", str(EXAMPLES)]) == 0
+    write(policy_dir, "p.yaml", inference("typo", "tokenBudget: {dailyTokenz: 1}"))
+    assert cli.main(["policy", "validate", str(policy_dir)]) == 1
+    assert f"{policy_dir / 'p.yaml'}:1: spec.tokenBudget.dailyTokenz: unknown field" in capsys.readouterr().out
+
+
+# -- the snapshot ---------------------------------------------------------------------------
+
+
+def test_inference_policy_resolution(policy_dir: Path) -> None:
+    write(
+        policy_dir,
+        "p.yaml",
+        "---\n".join(
+            [
+                "apiVersion: kars.azure.com/v1alpha1\nkind: KarsSandbox\n"
+                "metadata: {name: a1, namespace: team-a, labels: {tier: gold}}\nspec: {image: img}\n",
+                inference("ns-wide", "tokenBudget: {dailyTokens: 100}"),
+                inference("gold", "appliesTo: {sandboxMatchLabels: {tier: gold}}"),
+                inference("only-a1-chat", "appliesTo: {sandboxName: a1, action: chat}"),
+                inference("other-ns", "tokenBudget: {dailyTokens: 1}", namespace="team-b"),
+            ]
+        ),
+    )
+    st = store.PolicyStore(policy_dir, model.SafetyFloor())
+    assert st._reload_blocking().result == "ok"
+    snap = st.snapshot
+    names = [p.name for p in snap.inference_policies("team-a", "a1", "chat")]
+    assert names == ["only-a1-chat", "gold", "ns-wide"]  # most specific first
+    assert [p.name for p in snap.inference_policies("team-a", "a1", "embeddings")] == ["gold", "ns-wide"]
+    assert [p.name for p in snap.inference_policies("team-a", "a2", "chat")] == ["ns-wide"]
+    assert [p.name for p in snap.inference_policies("team-b", "a1", "chat")] == ["other-ns"]
+    # Memoised: the same tuple object comes back.
+    assert snap.inference_policies("team-a", "a1", "chat") is snap.inference_policies("team-a", "a1", "chat")
+
+
+def _b64u(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _edge(key: ed25519.Ed25519PrivateKey, src: str, dst: str, score: int, not_after: str | None = None) -> dict:
+    edge = model.Edge.model_validate(
+        {
+            "from": src,
+            "to": dst,
+            "score": score,
+            "issuedAt": "2026-11-01T00:00:00Z",
+            "notAfter": not_after,
+            "signature": "x",
+        }
+    )
+    sig = key.sign(trustgraph.signing_input(edge))
+    return edge.model_dump(by_alias=True, exclude_none=True) | {"signature": _b64u(sig)}
+
+
+def test_trustgraph_edges_verified_at_load(policy_dir: Path) -> None:
+    alice, bob, mallory = (ed25519.Ed25519PrivateKey.generate() for _ in range(3))
+    pub = {
+        n: _b64u(k.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
+        for n, k in (("ns/alice", alice), ("ns/bob", bob))
+    }
+    forged = _edge(mallory, "ns/bob", "ns/alice", 900)  # bob's name, mallory's key
+    graph = {
+        "apiVersion": "kars.azure.com/v1alpha1",
+        "kind": "TrustGraph",
+        "metadata": {"name": "mesh"},
+        "spec": {
+            "minScore": 500,
+            "vertices": [{"id": v, "publicKeyB64u": k} for v, k in pub.items()],
+            "edges": [
+                _edge(alice, "ns/alice", "ns/bob", 800),
+                forged,
+                _edge(alice, "ns/alice", "ns/carol", 100),
+                _edge(alice, "ns/alice", "ns/dave", 900, not_after="2026-11-01T00:00:00Z"),
+                _edge(alice, "ns/alice", "ns/erin", 900, not_after="2026-11-22T12:30:00Z"),
+            ],
+        },
+    }
+    (policy_dir / "TrustGraph.json").write_text(json.dumps(graph))
+    st = store.PolicyStore(policy_dir, model.SafetyFloor(), clock=lambda: NOW)
+    st._reload_blocking()
+    snap = st.snapshot
+    assert snap.trust_edge("ns/alice", "ns/bob", NOW) is not None
+    assert snap.trust_edge("ns/bob", "ns/alice", NOW) is None  # forged signature
+    assert snap.trust_edge("ns/alice", "ns/carol", NOW) is None  # below minScore
+    assert snap.trust_edge("ns/alice", "ns/dave", NOW) is None  # expired before load
+    assert snap.trust_edge("ns/alice", "ns/erin", NOW) is not None
+    assert snap.trust_edge("ns/alice", "ns/erin", NOW + dt.timedelta(hours=1)) is None  # expires later
+    (entry,) = st.status()["entries"]
+    reasons = "\n".join(entry["warnings"])
+    assert "ns/bob -> ns/alice dropped: signature does not verify" in reasons
+    assert "ns/alice -> ns/carol dropped: score 100 below minScore 500" in reasons
+    assert "ns/alice -> ns/dave dropped: expired" in reasons
+
+
+def test_snapshot_lookup_is_a_dictionary_hit() -> None:
+    res = model.McpServer.model_validate(
+        {
+            "apiVersion": "kars.azure.com/v1alpha1",
+            "kind": "McpServer",
+            "metadata": {"name": "m", "namespace": "n"},
+            "spec": {"url": "http://x"},
+        }
+    )
+    entry = snapshot.Entry(res, "sha256:0", load.Source("f", 1))
+    snap = snapshot.Snapshot([entry], generation=1, now=NOW)
+    assert snap.mcp_server("n", "m") is res
+    assert snap.mcp_server("other", "m") is None

@@ -1,0 +1,20 @@
+"""Bounded waits: poll a condition until it holds or a deadline passes (never a bare sleep)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def until(probe: Callable[[], T | None], *, timeout_s: float = 10.0, interval_s: float = 0.02, what: str = "") -> T:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s}s waiting for {what or probe}")
+        time.sleep(interval_s)
