@@ -1,0 +1,100 @@
+"""The ``kars`` command line, run for real: router start-up with its dev token, token issue, errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from router import cli
+from router.identity import devtokens, verifier
+from tests.support import servers, waiting
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_router_starts_on_embedded_defaults_and_prints_a_working_token(tmp_path: Path) -> None:
+    port = servers.free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KARS_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "router", "router", "--policy-dir", str(ROOT / "examples"), "--port", str(port)],
+        cwd=tmp_path,  # the dev key and counters land here
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        header = proc.stderr.readline()
+        assert "dev token for sandbox default/dev" in header
+        token = proc.stderr.readline().strip()
+        url = f"http://127.0.0.1:{port}"
+
+        def ready() -> bool:
+            try:
+                return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        waiting.until(ready, timeout_s=20, what="the router to be ready")
+        resp = httpx.get(f"{url}/v1/whoami", headers={"Authorization": f"Bearer {token}"})
+        assert resp.json()["principal"] == "default/dev"
+        assert (tmp_path / "kars-dev-key.pem").stat().st_mode & 0o077 == 0
+        status = httpx.get(f"{url}/internal/policy-status").json()
+        assert len(status["entries"]) == 6 and not any(e["lastError"] for e in status["entries"])
+    finally:
+        proc.terminate()
+        _, rest = proc.communicate(timeout=20)
+    # uvicorn shuts down gracefully (lifespan included), then re-raises SIGTERM for its exit status.
+    assert proc.returncode in (0, -15)
+    assert "Application shutdown complete" in rest
+
+
+def test_router_refuses_bad_settings_with_a_clear_message(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KARS_")}
+    env["KARS_LIMITS_MAX_BODY_BYTES"] = "-1"
+    proc = subprocess.run(
+        [sys.executable, "-m", "router", "router", "--policy-dir", str(tmp_path / "missing")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2
+    assert "limits.maxBodyBytes: Input should be greater than or equal to 1" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+async def test_token_issue_prints_a_token_the_router_accepts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KARS_IDENTITY_DEV_KEY_FILE", str(tmp_path / "key.pem"))
+    assert cli.main(["token", "issue", "--sandbox", "team-a/agent-1", "--ttl", "15m"]) == 0
+    token = capsys.readouterr().out.strip()
+    key = devtokens.load_or_create_key(tmp_path / "key.pem")
+    v = verifier.TokenVerifier(audience="kars-router", dev_key=key, jwks_cache=None, issuer=None)
+    principal = await v.verify(token)
+    assert principal.id == "team-a/agent-1"
+
+
+def test_token_issue_refuses_bad_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KARS_IDENTITY_DEV_KEY_FILE", str(tmp_path / "key.pem"))
+    assert cli.main(["token", "issue", "--sandbox", "no-slash"]) == 2
+    assert cli.main(["token", "issue", "--sandbox", "a/b", "--ttl", "forever"]) == 2
+    err = capsys.readouterr().err
+    assert "is not NAMESPACE/NAME" in err and "is not a duration" in err
+
+
+def test_key_file_that_is_not_ed25519(tmp_path: Path) -> None:
+    bad = tmp_path / "key.pem"
+    bad.write_text("-----BEGIN PRIVATE KEY-----\nnope\n-----END PRIVATE KEY-----\n")
+    with pytest.raises(devtokens.KeyFileError):
+        devtokens.load_or_create_key(bad)
