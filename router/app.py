@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -25,6 +26,7 @@ from router import errors, ops
 from router.identity import devtokens, jwks, verifier
 from router.middleware import admin, body_limit, identity, observe
 from router.middleware import errors as error_mw
+from router.observability import logs
 from router.observability import metrics as metrics_mod
 from router.policy import store as store_mod
 from router.settings import Settings
@@ -43,6 +45,7 @@ class Runtime:
     dev_key: Any
     http: httpx.AsyncClient
     ops: ops.Ops
+    access_log: logs.AccessLog | None = None
 
 
 def _read_secret(path: Any) -> str | None:
@@ -60,8 +63,17 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
+async def _flush_every(access_log: logs.AccessLog, stop: asyncio.Event) -> None:
+    """Flush buffered access lines of an idle router (busy ones flush as they write)."""
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=logs.FLUSH_INTERVAL_S)
+        access_log.flush()
+
+
 def build_app(settings: Settings) -> Starlette:
     metrics = metrics_mod.Metrics()
+    access_log = logs.AccessLog(sys.stdout if settings.log.access else None)
     policy = store_mod.PolicyStore(
         settings.policy.dir,
         settings.safety.floor,
@@ -87,6 +99,7 @@ def build_app(settings: Settings) -> Starlette:
     )
     operations = ops.Ops(metrics, policy)
     runtime = Runtime(settings, metrics, policy, token_verifier, dev_key, http, operations)
+    runtime.access_log = access_log
 
     routes: list[BaseRoute] = [
         Route("/healthz", operations.healthz, methods=["GET"]),
@@ -116,15 +129,18 @@ def build_app(settings: Settings) -> Starlette:
             watcher = None
             if settings.policy.watch and settings.policy.dir is not None:
                 watcher = asyncio.create_task(policy.watch(stop), name="kars-policy-watch")
+            flusher = asyncio.create_task(_flush_every(access_log, stop), name="kars-access-log-flush")
             try:
                 yield
             finally:
                 stop.set()
+                await asyncio.gather(flusher, return_exceptions=True)
+                access_log.flush()
                 if watcher is not None:
                     await asyncio.gather(watcher, return_exceptions=True)
 
     middleware = [
-        Middleware(observe.ObserveMiddleware, metrics=metrics, route_names=names),
+        Middleware(observe.ObserveMiddleware, metrics=metrics, access_log=access_log, route_names=names),
         Middleware(error_mw.ErrorMiddleware),
         Middleware(body_limit.BodyLimitMiddleware, max_body_bytes=settings.limits.max_body_bytes),
         Middleware(

@@ -40,7 +40,7 @@ def cmd_router(args: argparse.Namespace) -> int:
             ("server", "sandbox"): args.sandbox,
         },
     )
-    logs.configure(settings.log.level, access=settings.log.access)
+    logs.configure(settings.log.level)
     application = app_mod.build_app(settings)
     ident = settings.identity
     if ident.jwks_url is None and settings.server.sandbox is None and ident.dev_sandbox:

@@ -7,7 +7,6 @@ the line never holds secrets, prompts, query strings or tool arguments.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -27,12 +26,13 @@ class ObserveMiddleware:
         app: ASGIApp,
         *,
         metrics: metrics_mod.Metrics,
+        access_log: logs.AccessLog,
         route_names: Mapping[Callable[..., Any], str] | Callable[[], Mapping[Any, str]],
     ) -> None:
         self.app = app
         self._metrics = metrics
         self._route_names = route_names
-        self._log = logging.getLogger(logs.ACCESS_LOGGER)
+        self._access = access_log
 
     def _route(self, scope: Scope) -> str:
         names = self._route_names() if callable(self._route_names) else self._route_names
@@ -73,7 +73,7 @@ class ObserveMiddleware:
             method = scope.get("method", "WS")
             self._metrics.requests.labels(route, method, str(status)).inc()
             self._metrics.latency.labels(route).observe(elapsed)
-            if self._log.isEnabledFor(logging.INFO):
+            if self._access.enabled:
                 principal = _asgi.state(scope).get(_asgi.PRINCIPAL)
                 line = {
                     "principal": principal.id if principal is not None else None,
@@ -85,4 +85,4 @@ class ObserveMiddleware:
                     "bytesOut": sent,
                 }
                 line.update(fields)
-                self._log.info("request", extra={"fields": line})
+                self._access.emit(line)

@@ -1,25 +1,71 @@
 """JSON log lines: one object per line on stderr, access lines on stdout.
 
+Access lines bypass the ``logging`` machinery: at one line per request it cost ~20 us a line
+(record, formatter, a flush per line), a fifth of a request's budget. ``AccessLog`` writes the
+line straight into a buffered stream and flushes it at most every ``FLUSH_INTERVAL_S`` (and
+on a ticker from the app's lifespan, so an idle router's last lines still appear).
+
 Nothing here logs secrets, prompts or tool arguments; callers pass only what may be shown.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
 import sys
-from typing import Any
+import time
+from collections.abc import Mapping
+from typing import Any, TextIO
 
 ACCESS_LOGGER = "kars.access"
+FLUSH_INTERVAL_S = 0.25
+MAX_PENDING_LINES = 512
+
+_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
+
+
+def iso_now(now: float | None = None) -> str:
+    stamp = dt.datetime.fromtimestamp(time.time() if now is None else now, dt.UTC)
+    return stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class AccessLog:
+    """One JSON line per request, on a buffered stream (stdout by default)."""
+
+    def __init__(self, stream: TextIO | None) -> None:
+        self.stream = stream
+        self._pending = 0
+        self._flushed_at = time.monotonic()
+
+    @property
+    def enabled(self) -> bool:
+        return self.stream is not None
+
+    def emit(self, fields: Mapping[str, Any]) -> None:
+        if self.stream is None:
+            return
+        head = f'{{"ts":"{iso_now()}","level":"info","logger":"{ACCESS_LOGGER}","msg":"request"'
+        body = _encode(fields)
+        self.stream.write(head + ("," + body[1:] if len(body) > 2 else "}") + "\n")
+        self._pending += 1
+        if self._pending >= MAX_PENDING_LINES or time.monotonic() - self._flushed_at >= FLUSH_INTERVAL_S:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.stream is not None and self._pending:
+            self._pending = 0
+            self._flushed_at = time.monotonic()
+            # A closed or broken stdout must not fail requests.
+            with contextlib.suppress(OSError, ValueError):
+                self.stream.flush()
 
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "ts": dt.datetime.fromtimestamp(record.created, dt.UTC)
-            .isoformat(timespec="milliseconds")
-            .replace("+00:00", "Z"),
+            "ts": iso_now(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -32,7 +78,7 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, separators=(",", ":"))
 
 
-def configure(level: str, *, access: bool = True) -> None:
+def configure(level: str) -> None:
     """Route the ``kars`` loggers to JSON lines. Called by the CLI at start, never on import."""
     formatter = JsonFormatter()
     main = logging.StreamHandler(sys.stderr)
@@ -48,10 +94,3 @@ def configure(level: str, *, access: bool = True) -> None:
         server.handlers[:] = [main]
         server.setLevel(level.upper())
         server.propagate = False
-
-    access_logger = logging.getLogger(ACCESS_LOGGER)
-    out = logging.StreamHandler(sys.stdout)
-    out.setFormatter(formatter)
-    access_logger.handlers[:] = [out]
-    access_logger.setLevel(logging.INFO if access else logging.CRITICAL)
-    access_logger.propagate = False

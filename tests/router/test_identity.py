@@ -217,7 +217,7 @@ def echo_headers(request: Request) -> JSONResponse:
 
 def test_subject_header_from_untrusted_peer_is_stripped(router_server: Callable[..., Any]) -> None:
     srv = router_server(identity={"trustedProxies": ["10.0.0.0/8"]})
-    srv.app.router.routes.append(Route("/v1/echo", echo_headers))
+    srv.app.router.routes.insert(0, Route("/v1/echo", echo_headers))
     # Alone it proves nothing: no credentials.
     assert_401(whoami(srv, **{"X-A2A-Agent-Subject": "team-b/boss"}), "missing_credentials")
     # With a real token, the forged subject neither wins nor reaches any later layer.
@@ -232,7 +232,7 @@ def test_subject_header_from_untrusted_peer_is_stripped(router_server: Callable[
 
 def test_subject_header_from_trusted_proxy_is_the_principal(router_server: Callable[..., Any]) -> None:
     srv = router_server(identity={"trustedProxies": ["127.0.0.1/32"]})
-    srv.app.router.routes.append(Route("/v1/echo", echo_headers))
+    srv.app.router.routes.insert(0, Route("/v1/echo", echo_headers))
     resp = httpx.get(f"{srv.url}/v1/echo", headers={"X-A2A-Agent-Subject": "partner/agent-9"})
     assert resp.status_code == 200
     assert resp.json()["principal"] == "partner/agent-9"

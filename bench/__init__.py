@@ -1,0 +1,1 @@
+"""Reproducible benchmarks, one module per subject; ``python -m bench NAME``. Never collected by pytest."""
