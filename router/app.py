@@ -30,6 +30,9 @@ from router.observability import logs
 from router.observability import metrics as metrics_mod
 from router.policy import store as store_mod
 from router.settings import Settings
+from router.transports import foundry
+from router.upstream import credentials
+from router.upstream import http as upstream_http
 
 log = logging.getLogger("kars.app")
 
@@ -45,6 +48,7 @@ class Runtime:
     dev_key: Any
     http: httpx.AsyncClient
     ops: ops.Ops
+    foundry: foundry.FoundryTransport | None = None
     access_log: logs.AccessLog | None = None
 
 
@@ -99,6 +103,17 @@ def build_app(settings: Settings) -> Starlette:
     )
     operations = ops.Ops(metrics, policy)
     runtime = Runtime(settings, metrics, policy, token_verifier, dev_key, http, operations)
+    foundry_client, foundry_broker = None, None
+    if settings.foundry.endpoint:
+        timeouts = upstream_http.Timeouts(
+            connect_s=settings.foundry.connect_timeout_s, read_s=settings.foundry.read_timeout_s
+        )
+        foundry_client = upstream_http.Client(settings.foundry.endpoint, timeouts=timeouts)
+        foundry_broker = credentials.build(settings.foundry)
+        operations.ready_checks["upstream credential obtainable"] = foundry_broker.check
+    runtime.foundry = foundry.FoundryTransport(
+        client=foundry_client, broker=foundry_broker, policy=policy, metrics=metrics
+    )
     runtime.access_log = access_log
 
     routes: list[BaseRoute] = [
@@ -123,6 +138,11 @@ def build_app(settings: Settings) -> Starlette:
         stop = asyncio.Event()
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(http.aclose)
+            if foundry_client is not None and foundry_broker is not None:
+                await foundry_client.start()
+                stack.push_async_callback(foundry_client.aclose)
+                await foundry_broker.start()
+                stack.push_async_callback(foundry_broker.aclose)
             if jwks_cache is not None and jwks_cache._client is not http:
                 stack.push_async_callback(jwks_cache._client.aclose)
             await policy.reload()
@@ -156,6 +176,7 @@ def build_app(settings: Settings) -> Starlette:
             metrics=metrics,
         ),
     ]
+    routes.extend(runtime.foundry.routes())  # catch-alls (/v1/...): after every other route
     app = Starlette(
         routes=routes,
         middleware=middleware,

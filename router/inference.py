@@ -52,6 +52,11 @@ def classify(path: str) -> InferenceRoute | None:
     if path.startswith("/openai/v1/"):
         endpoint = path[len("/openai/v1/") :]
         return InferenceRoute(_ACTIONS.get(endpoint, "other"), None, path)
+    if path.startswith(OPENAI_PREFIX) and len(path) > len(OPENAI_PREFIX):
+        # Azure OpenAI's dated data plane without a deployment in the path (the AzureOpenAI SDK
+        # calls /openai/responses?api-version=..., /openai/files, /openai/models): "model" is in the body.
+        endpoint = path[len(OPENAI_PREFIX) :]
+        return InferenceRoute(_ACTIONS.get(endpoint, "other"), None, path)
     if path.startswith(MODELS_PREFIX):
         endpoint = path[len(MODELS_PREFIX) :]
         return InferenceRoute(_ACTIONS.get(endpoint, "other"), None, path)

@@ -82,6 +82,8 @@ class FoundrySettings(_Section):
     api_key_file: Path | None = None
     credential: Literal["workload", "managed", "default", "none"] | None = None
     scope: str = DEFAULT_SCOPE
+    connect_timeout_s: float = Field(default=5.0, gt=0)  # to open a connection to the endpoint
+    read_timeout_s: float = Field(default=300.0, gt=0)  # for the response headers, then between chunks
 
     @property
     def effective_credential(self) -> str:

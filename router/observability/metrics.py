@@ -42,3 +42,23 @@ class Metrics:
             "Generation of the policy snapshot in force.",
             registry=r,
         )
+        # Foundry inference transport (router/transports/foundry.py).
+        self.tokens = Counter(
+            "kars_tokens",
+            "Tokens reported by the upstream, by direction (prompt, completion) and deployment.",
+            ["direction", "deployment"],
+            registry=r,
+        )
+        self.upstream_latency = Histogram(
+            "kars_upstream_duration_seconds",
+            "Time from sending a request upstream to its response headers, by upstream.",
+            ["upstream"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "kars_upstream_errors",
+            "Upstream failures, by upstream and error code (including 429/5xx replies, as status_NNN).",
+            ["upstream", "code"],
+            registry=r,
+        )

@@ -1,0 +1,207 @@
+"""Relay one upstream reply to the caller, and learn its token usage on the way.
+
+Three shapes: an SSE stream (relayed event by event as it arrives, see ``_sse``), a 2xx JSON
+reply (read up to ``MAX_JSON_BYTES`` so a malformed one becomes a 502 before anything is sent;
+a larger one is streamed on), anything else (upstream errors, audio, files: streamed as is).
+The usage found goes to ``scope["state"]["kars.usage"]`` and ``kars.upstream_output`` is set
+when the first byte of a 2xx reply goes out (an upstream's error reply carries no generated
+output); the token budget layer reads both after the transport returns.
+
+A caller that disconnects is noticed by a watcher (``Link``) that cancels the transport only while
+it waits on the upstream, so the cancellation always lands in the transport's own ``await``.
+An upstream that breaks off an SSE stream gets the stream ended in-protocol (an ``error`` event,
+then ``data: [DONE]``); any other reply broken off mid-body is re-raised, and the server aborts
+the connection so a truncated body never looks complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+from starlette.types import Scope, Send
+
+from router import _asgi, errors
+from router import usage as usage_mod
+from router.transports import _sse
+from router.upstream import http as http_mod
+
+T = TypeVar("T")
+
+MAX_JSON_BYTES = 4 * 1024 * 1024
+TAIL_BYTES = 64 * 1024  # of a JSON reply too large to parse whole: where its "usage" is looked for
+_USAGE_KEY = re.compile(rb'(?<!\\)"usage"\s*:\s*')
+
+# Not relayed: hop-by-hop (RFC 9110 §7.6.1), what uvicorn sets itself, and cookies meant for the router.
+_DROP_RESPONSE = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"date",
+        b"server",
+        b"set-cookie",
+    }
+)
+
+
+class Link:
+    """The caller's side of one request: whether it left, and whether we are waiting upstream."""
+
+    __slots__ = ("gone", "waiting")
+
+    def __init__(self) -> None:
+        self.gone = False
+        self.waiting = False
+
+    async def wait(self, awaitable: Awaitable[T]) -> T:
+        self.waiting = True
+        try:
+            return await awaitable
+        finally:
+            self.waiting = False
+
+    async def watch(self, receive: Any, task: asyncio.Task[Any]) -> None:
+        """Until the caller disconnects; then cancel ``task`` if it is waiting on the upstream."""
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.gone = True
+        if self.waiting:
+            task.cancel()
+
+
+def _headers(raw: tuple[tuple[bytes, bytes], ...], *, keep_length: bool) -> list[tuple[bytes, bytes]]:
+    drop = _DROP_RESPONSE if keep_length else _DROP_RESPONSE | {b"content-length"}
+    out = []
+    for key, value in raw:
+        low = key.lower()
+        if low not in drop:
+            out.append((low, value))
+    return out
+
+
+def _content_type(raw: tuple[tuple[bytes, bytes], ...]) -> bytes:
+    for key, value in raw:
+        if key.lower() == b"content-type":
+            return value.lower()
+    return b""
+
+
+def _usage_in_tail(tail: bytes) -> usage_mod.Usage | None:
+    """The last top-level-looking ``"usage": {...}`` in ``tail`` (a reply too big to parse whole)."""
+    matches = list(_USAGE_KEY.finditer(tail))
+    if not matches:
+        return None
+    try:
+        value, _ = json.JSONDecoder().raw_decode(tail[matches[-1].end() :].decode("utf-8", "replace"))
+    except ValueError:
+        return None
+    return usage_mod.Usage.from_payload(value) if isinstance(value, dict) else None
+
+
+async def relay(
+    scope: Scope,
+    send: Send,
+    reply: http_mod.Response,
+    link: Link,
+    *,
+    strip_usage_chunk: bool,
+    on_error: Callable[[str], None],
+) -> usage_mod.Usage | None:
+    """Send ``reply`` to the caller; the usage it reported, if any (``on_error`` counts a broken stream)."""
+    ctype = _content_type(reply.headers)
+    ok = 200 <= reply.status < 300
+    if ctype.startswith(b"text/event-stream"):
+        found = await _relay_sse(scope, send, reply, link, ok=ok, strip=strip_usage_chunk, on_error=on_error)
+    elif ok and b"json" in ctype:
+        found = await _relay_json(scope, send, reply, link)
+    else:
+        await _relay_raw(scope, send, reply, link, ok=ok)
+        found = None
+    if found is not None:
+        _asgi.state(scope)[_asgi.USAGE] = found
+    return found
+
+
+async def _chunks(reply: http_mod.Response, link: Link) -> AsyncIterator[bytes]:
+    it = reply.iter_chunks().__aiter__()
+    while not link.gone:
+        try:
+            chunk = await link.wait(it.__anext__())
+        except StopAsyncIteration:
+            return
+        yield chunk
+
+
+async def _relay_json(scope: Scope, send: Send, reply: http_mod.Response, link: Link) -> usage_mod.Usage | None:
+    data, complete = await link.wait(reply.read(MAX_JSON_BYTES))
+    if complete:
+        try:
+            doc = json.loads(data)
+        except ValueError:
+            raise errors.UpstreamError("the upstream sent a malformed JSON reply") from None
+        found = usage_mod.Usage.from_payload(doc.get("usage")) if isinstance(doc, dict) else None
+        headers = _headers(reply.headers, keep_length=False)
+        headers.append((b"content-length", str(len(data)).encode()))
+        await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+        _asgi.state(scope)[_asgi.UPSTREAM_OUTPUT] = True
+        await send({"type": "http.response.body", "body": data})
+        return found
+    headers = _headers(reply.headers, keep_length=True)
+    await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+    _asgi.state(scope)[_asgi.UPSTREAM_OUTPUT] = True
+    await send({"type": "http.response.body", "body": data, "more_body": True})
+    tail = data[-TAIL_BYTES:]
+    async for chunk in _chunks(reply, link):
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        tail = (tail + chunk)[-TAIL_BYTES:]
+    await send({"type": "http.response.body", "body": b""})
+    return _usage_in_tail(tail)
+
+
+async def _relay_raw(scope: Scope, send: Send, reply: http_mod.Response, link: Link, *, ok: bool) -> None:
+    headers = _headers(reply.headers, keep_length=True)
+    await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+    async for chunk in _chunks(reply, link):
+        if ok:
+            _asgi.state(scope)[_asgi.UPSTREAM_OUTPUT] = True
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def _relay_sse(
+    scope: Scope,
+    send: Send,
+    reply: http_mod.Response,
+    link: Link,
+    *,
+    ok: bool,
+    strip: bool,
+    on_error: Callable[[str], None],
+) -> usage_mod.Usage | None:
+    observer = _sse.StreamObserver(strip_usage_chunk=strip)
+    headers = _headers(reply.headers, keep_length=False)
+    await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+    st = _asgi.state(scope)
+    try:
+        async for chunk in _chunks(reply, link):
+            out = observer.feed(chunk)
+            if out:
+                if ok:
+                    st[_asgi.UPSTREAM_OUTPUT] = True
+                await send({"type": "http.response.body", "body": out, "more_body": True})
+        rest = observer.finish()
+    except (errors.UpstreamError, errors.UpstreamTimeout) as exc:
+        # Only whole events were sent, so the error event starts cleanly; a half event is dropped.
+        rest = _sse.error_event(exc.body())
+        on_error(exc.code)
+    await send({"type": "http.response.body", "body": rest})
+    return observer.usage

@@ -1,0 +1,1 @@
+"""Clients of upstream services: the pooled HTTP client and the upstream credential broker."""

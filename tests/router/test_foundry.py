@@ -1,0 +1,239 @@
+"""The Foundry transport driven by the real openai SDK, against a fake Azure OpenAI on loopback."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from router import usage as usage_mod
+from tests.router.foundry_support import UPSTREAM_KEY, Stack, foundry_stack
+from tests.support import waiting
+
+API_VERSION = "2025-04-01-preview"
+MESSAGES = [{"role": "user", "content": "Say hello"}]
+
+
+@pytest.fixture
+def stack(make_settings: Callable[..., Any], tmp_path: Path) -> Iterator[Stack]:
+    with foundry_stack(make_settings, tmp_path) as s:
+        yield s
+
+
+def azure(stack: Stack) -> openai.AzureOpenAI:
+    return openai.AzureOpenAI(
+        azure_endpoint=stack.router.url, api_version=API_VERSION, api_key=stack.token, max_retries=0
+    )
+
+
+def plain(stack: Stack, prefix: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack.router.url + prefix, api_key=stack.token, max_retries=0)
+
+
+def last_state(stack: Stack) -> dict[str, Any]:
+    """The scope state of the last forwarded request, once the router has returned from it."""
+    waiting.until(lambda: len(stack.recorder.states) >= len(stack.fake.requests), timeout_s=5, what="router done")
+    return stack.recorder.states[-1]
+
+
+def last_usage(stack: Stack) -> usage_mod.Usage:
+    found = last_state(stack).get("kars.usage")
+    assert isinstance(found, usage_mod.Usage)
+    return found
+
+
+def assert_credentials_swapped(stack: Stack) -> None:
+    seen = stack.fake.requests[-1].headers
+    assert seen["api-key"] == UPSTREAM_KEY  # the router's own credential
+    assert "authorization" not in seen  # the caller's, never forwarded
+    assert stack.token not in json.dumps(seen)
+    assert "x-api-key" not in seen
+
+
+def test_azure_sdk_chat_forwards_with_router_credential(stack: Stack) -> None:
+    reply = azure(stack).chat.completions.create(model="gpt-4o", messages=MESSAGES, temperature=0.2)  # type: ignore[arg-type]
+    assert reply.choices[0].message.content == "Hello from the fake upstream."
+    seen = stack.fake.requests[-1]
+    assert seen.path == "/openai/deployments/gpt-4o/chat/completions"
+    assert seen.query["api-version"] == [API_VERSION]
+    assert seen.json() == {"model": "gpt-4o", "messages": MESSAGES, "temperature": 0.2}
+    assert_credentials_swapped(stack)
+    assert last_usage(stack) == usage_mod.Usage(9, 6, 15)
+    assert last_state(stack)["kars.upstream_output"] is True
+    assert stack.metric("kars_tokens_total", {"direction": "prompt", "deployment": "gpt-4o"}) == 9
+    assert stack.metric("kars_tokens_total", {"direction": "completion", "deployment": "gpt-4o"}) == 6
+
+
+def test_body_passed_through_byte_for_byte(stack: Stack) -> None:
+    raw = b'{"messages": [{"role":"user","content":"hi \\u00e9"}],   "max_tokens": 5}'
+    r = httpx.post(
+        stack.router.url + "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
+        content=raw,
+        headers={"authorization": f"Bearer {stack.token}", "content-type": "application/json"},
+    )
+    assert r.status_code == 200
+    assert stack.fake.requests[-1].body == raw
+
+
+@pytest.mark.parametrize("prefix", ["/openai/v1", "/v1"])
+def test_openai_sdk_chat_on_v1_routes(stack: Stack, prefix: str) -> None:
+    reply = plain(stack, prefix).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)  # type: ignore[arg-type]
+    assert reply.usage is not None and reply.usage.total_tokens == 15
+    seen = stack.fake.requests[-1]
+    assert seen.path == "/openai/v1/chat/completions"
+    assert seen.json() == {"model": "gpt-4o-mini", "messages": MESSAGES}
+    assert_credentials_swapped(stack)
+    assert last_usage(stack).total_tokens == 15
+
+
+def test_chat_stream_without_include_usage_adds_it_and_strips_the_chunk(stack: Stack) -> None:
+    chunks = list(azure(stack).chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True))  # type: ignore[arg-type]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "Hello from the fake upstream."
+    assert all(c.usage is None for c in chunks)  # the extra usage chunk never reached the caller
+    assert chunks[-1].choices and chunks[-1].choices[0].finish_reason == "stop"
+    sent = stack.fake.requests[-1].json()
+    assert sent == {"model": "gpt-4o", "messages": MESSAGES, "stream": True, "stream_options": {"include_usage": True}}
+    assert last_usage(stack) == usage_mod.Usage(9, 6, 15)
+    assert_credentials_swapped(stack)
+
+
+@pytest.mark.parametrize("prefix", ["/openai/v1", "/v1"])
+def test_chat_stream_with_include_usage_keeps_the_chunk(stack: Stack, prefix: str) -> None:
+    chunks = list(
+        plain(stack, prefix).chat.completions.create(
+            model="gpt-4o",
+            messages=MESSAGES,  # type: ignore[arg-type]
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.total_tokens == 15
+    assert stack.fake.requests[-1].json()["stream_options"] == {"include_usage": True}
+    assert last_usage(stack).total_tokens == 15
+
+
+def test_stream_passes_chunks_as_they_arrive(stack: Stack) -> None:
+    """The fake holds the rest of the stream until the caller has seen the first words."""
+    stream = azure(stack).chat.completions.create(model="gated", messages=MESSAGES, stream=True)  # type: ignore[arg-type]
+    seen = ""
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            seen += chunk.choices[0].delta.content
+            if seen == "Hello":
+                stack.fake.release()
+    assert seen == "Hello from the fake upstream."
+    assert not stack.fake.gate_timed_out
+
+
+@pytest.mark.parametrize("client", ["azure", "/openai/v1", "/v1"])
+def test_embeddings(stack: Stack, client: str) -> None:
+    sdk = azure(stack) if client == "azure" else plain(stack, client)
+    reply = sdk.embeddings.create(model="text-embedding-3-small", input=["a", "b"])
+    assert len(reply.data) == 2 and reply.usage.prompt_tokens == 6
+    assert stack.fake.requests[-1].json()["input"] == ["a", "b"]
+    assert last_usage(stack) == usage_mod.Usage(6, 0, 6)
+    assert_credentials_swapped(stack)
+
+
+@pytest.mark.parametrize("client", ["azure", "/openai/v1"])
+def test_responses(stack: Stack, client: str) -> None:
+    sdk = azure(stack) if client == "azure" else plain(stack, client)
+    reply = sdk.responses.create(model="gpt-4o", input="Say hello")
+    assert reply.output_text == "Hello from the fake upstream."
+    assert stack.fake.requests[-1].json() == {"model": "gpt-4o", "input": "Say hello"}
+    assert last_usage(stack) == usage_mod.Usage(11, 6, 17)
+    assert_credentials_swapped(stack)
+
+
+@pytest.mark.parametrize("client", ["azure", "/v1"])
+def test_responses_streaming(stack: Stack, client: str) -> None:
+    sdk = azure(stack) if client == "azure" else plain(stack, client)
+    events = list(sdk.responses.create(model="gpt-4o", input="Say hello", stream=True))
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == "Hello from the fake upstream."
+    assert events[-1].type == "response.completed"
+    sent = stack.fake.requests[-1].json()
+    assert sent == {"model": "gpt-4o", "input": "Say hello", "stream": True}  # nothing added to Responses
+    assert last_usage(stack) == usage_mod.Usage(11, 6, 17)
+
+
+def test_legacy_completions(stack: Stack) -> None:
+    reply = azure(stack).completions.create(model="davinci", prompt="Say hello")
+    assert reply.choices[0].text == "Hello from the fake upstream."
+    assert last_usage(stack) == usage_mod.Usage(4, 6, 10)
+
+
+def test_upstream_error_json_passes_through_as_sent(stack: Stack) -> None:
+    with pytest.raises(openai.RateLimitError) as caught:
+        azure(stack).chat.completions.create(model="throttled", messages=MESSAGES)  # type: ignore[arg-type]
+    assert caught.value.status_code == 429
+    assert caught.value.body == {"code": "429", "message": "Rate limit is exceeded. Try again in 1 seconds."}
+    assert caught.value.response.headers["retry-after"] == "1"
+    assert caught.value.response.headers["apim-request-id"] == "fake-1"
+    assert "kars.usage" not in last_state(stack)
+    assert not last_state(stack).get("kars.upstream_output")  # an error reply is no generated output
+
+
+def test_caller_credential_is_still_required(stack: Stack) -> None:
+    sdk = openai.AzureOpenAI(azure_endpoint=stack.router.url, api_version=API_VERSION, api_key="dummy", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # type: ignore[arg-type]
+    assert stack.fake.requests == []
+
+
+def test_malformed_request_json_is_400_and_never_forwarded(stack: Stack) -> None:
+    r = httpx.post(
+        stack.router.url + "/openai/v1/chat/completions",
+        content=b'{"model": "gpt-4o", "messages": [',
+        headers={"authorization": f"Bearer {stack.token}", "content-type": "application/json"},
+    )
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_request"
+    assert stack.fake.requests == []
+
+
+def test_hop_by_hop_headers_are_not_forwarded(stack: Stack) -> None:
+    r = httpx.post(
+        stack.router.url + "/openai/v1/embeddings",
+        json={"model": "e", "input": "x"},
+        headers={
+            "authorization": f"Bearer {stack.token}",
+            "connection": "keep-alive, x-secret-hop",
+            "x-secret-hop": "1",
+            "keep-alive": "timeout=5",
+            "te": "trailers",
+            "x-api-key": "caller-key",
+            "x-ms-client-request-id": "req-42",
+        },
+    )
+    assert r.status_code == 200
+    seen = stack.fake.requests[-1].headers
+    for name in ("x-secret-hop", "keep-alive", "te", "x-api-key"):
+        assert name not in seen
+    assert seen["x-ms-client-request-id"] == "req-42"  # end-to-end headers pass
+    assert seen["accept-encoding"] == "identity"
+    assert r.headers["apim-request-id"] == "fake-1"
+
+
+def test_router_local_v1_routes_are_not_forwarded(stack: Stack) -> None:
+    r = httpx.get(stack.router.url + "/v1/whoami", headers={"authorization": f"Bearer {stack.token}"})
+    assert r.status_code == 200 and r.json()["principal"] == "team-a/agent-1"
+    assert stack.fake.requests == []
+
+
+def test_no_endpoint_is_503_upstream_not_configured(router_server: Callable[..., Any]) -> None:
+    from router.identity import devtokens
+
+    srv = router_server()
+    token = devtokens.issue(srv.app.state.kars.dev_key, "team-a/agent-1", audience="kars-router")
+    sdk = openai.OpenAI(base_url=srv.url + "/v1", api_key=token, max_retries=0)
+    with pytest.raises(openai.APIStatusError) as caught:
+        sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # type: ignore[arg-type]
+    assert caught.value.status_code == 503
+    assert caught.value.body["code"] == "upstream_not_configured"  # type: ignore[index]
