@@ -20,17 +20,17 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Route, WebSocketRoute
 
 from router import errors, ops
 from router.identity import devtokens, jwks, verifier
-from router.middleware import admin, body_limit, identity, observe
+from router.middleware import admin, body_limit, identity, observe, trust_graph
 from router.middleware import errors as error_mw
 from router.observability import logs
 from router.observability import metrics as metrics_mod
 from router.policy import store as store_mod
 from router.settings import Settings
-from router.transports import foundry
+from router.transports import foundry, mesh
 from router.upstream import credentials
 from router.upstream import http as upstream_http
 
@@ -48,6 +48,7 @@ class Runtime:
     dev_key: Any
     http: httpx.AsyncClient
     ops: ops.Ops
+    mesh: mesh.MeshHub | None = None
     foundry: foundry.FoundryTransport | None = None
     access_log: logs.AccessLog | None = None
 
@@ -103,6 +104,10 @@ def build_app(settings: Settings) -> Starlette:
     )
     operations = ops.Ops(metrics, policy)
     runtime = Runtime(settings, metrics, policy, token_verifier, dev_key, http, operations)
+    mesh_hub = mesh.MeshHub(
+        policy=policy, metrics=metrics, relay_url=settings.mesh.relay_url, pair_timeout_s=settings.mesh.pair_timeout_s
+    )
+    runtime.mesh = mesh_hub
     foundry_client, foundry_broker = None, None
     if settings.foundry.endpoint:
         timeouts = upstream_http.Timeouts(
@@ -122,6 +127,7 @@ def build_app(settings: Settings) -> Starlette:
         Route("/metrics", operations.metrics_endpoint, methods=["GET"]),
         Route("/internal/policy-status", operations.policy_status, methods=["GET"]),
         Route("/v1/whoami", operations.whoami, methods=["GET"]),
+        WebSocketRoute("/mesh/{ns}/{name}", mesh_hub),
     ]
     route_names: dict[Callable[..., Any], str] = {}
 
@@ -138,6 +144,7 @@ def build_app(settings: Settings) -> Starlette:
         stop = asyncio.Event()
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(http.aclose)
+            stack.push_async_callback(mesh_hub.aclose)
             if foundry_client is not None and foundry_broker is not None:
                 await foundry_client.start()
                 stack.push_async_callback(foundry_client.aclose)
@@ -175,6 +182,7 @@ def build_app(settings: Settings) -> Starlette:
             trusted_proxies=settings.identity.trusted_proxies,
             metrics=metrics,
         ),
+        Middleware(trust_graph.TrustGraphMiddleware, policy=policy, metrics=metrics),
     ]
     routes.extend(runtime.foundry.routes())  # catch-alls (/v1/...): after every other route
     app = Starlette(

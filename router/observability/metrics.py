@@ -62,3 +62,30 @@ class Metrics:
             ["upstream", "code"],
             registry=r,
         )
+        # -- A2A, TrustGraph, mesh (issue 7) --
+        self.trust_admissions = Counter(
+            "kars_trust_admissions",
+            "TrustGraph admission decisions on /a2a and /mesh, by result (admitted, denied).",
+            ["result"],
+            registry=r,
+        )
+        self.mesh_bridges_active = Gauge("kars_mesh_bridges_active", "Mesh bridges open now.", registry=r)
+        self.mesh_bridges = Counter(
+            "kars_mesh_bridges",
+            "Mesh connections by outcome (paired, relayed, pair_timeout, conflict, closed_by_policy).",
+            ["outcome"],
+            registry=r,
+        )
+        self.mesh_bytes = Counter("kars_mesh_bytes", "Payload bytes relayed by mesh bridges.", registry=r)
+        self.a2a_card_verifications = Counter(
+            "kars_a2a_card_verifications",
+            "Signed agent card verifications, by result (ok, failed).",
+            ["result"],
+            registry=r,
+        )
+        self.signed_request_rejections = Counter(
+            "kars_signed_request_rejections",
+            "Signed A2A requests refused (401), by reason.",
+            ["reason"],
+            registry=r,
+        )

@@ -74,15 +74,27 @@ class PolicyStore:
         self._status: dict[tuple[str, str, str], _Status] = {}
         self._orphan_errors: tuple[str, ...] = ()
         self._lock = asyncio.Lock()
+        self._subscribers: list[Callable[[snapshot.Snapshot], None]] = []
+
+    def subscribe(self, callback: Callable[[snapshot.Snapshot], None]) -> None:
+        """Call ``callback(new_snapshot)`` on the event loop each time a new snapshot is swapped in."""
+        self._subscribers.append(callback)
 
     # -- reloading ---------------------------------------------------------------------------
 
     async def reload(self) -> ReloadOutcome:
         """Re-read the directory off the event loop and swap in the result."""
         async with self._lock:
+            before = self.snapshot
             outcome = await asyncio.to_thread(self._reload_blocking)
         if self._on_reload is not None:
             self._on_reload(outcome.result)
+        if self.snapshot is not before:
+            for callback in self._subscribers:
+                try:
+                    callback(self.snapshot)
+                except Exception:  # one subscriber's bug must not stop the others
+                    log.exception("policy subscriber failed")
         return outcome
 
     def _reload_blocking(self) -> ReloadOutcome:

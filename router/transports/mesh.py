@@ -1,0 +1,327 @@
+"""Mesh: the agent-to-agent WebSocket bridge of SPEC.md §6.
+
+A bridge is a pair of connections: X at ``/mesh/Y`` and Y at ``/mesh/X``. The first to arrive is
+accepted and waits up to ``mesh.pairTimeoutS`` for its counterpart (then closes with 1001). Once
+paired, each side's frames are handed to the other as opaque payloads that keep their type;
+nothing is parsed or logged. With ``mesh.relayUrl`` set, a caller whose counterpart is not
+waiting here is bridged to the relay instead (dialled with ``X-Kars-From``/``X-Kars-To``).
+
+Refusals happen before the upgrade (HTTP answers): a second connection for the same (X, Y) is
+409, an unreachable relay 502; admission (403) is the TrustGraph layer's. Backpressure: a pump
+holds one message at a time and awaits the receiving side's ``send`` (which waits while that
+socket's write buffer is full) before it reads the next, so a slow reader slows its writer and
+nothing buffers without bound. Pings are answered per hop by the WebSocket implementations
+(RFC 6455 §5.5.2); close codes travel to the other side. When a new policy snapshot drops the
+edge a bridge stands on, the bridge is closed with 1008 as soon as the snapshot is swapped in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import websockets
+from starlette.types import Receive, Scope, Send
+from websockets.asyncio.client import ClientConnection
+
+from router import _asgi, errors
+from router.observability import metrics as metrics_mod
+from router.policy import snapshot as snapshot_mod
+from router.policy import store as store_mod
+
+log = logging.getLogger("kars.mesh")
+
+FROM_HEADER = "X-Kars-From"
+TO_HEADER = "X-Kars-To"
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001  # pair timeout, router shutdown, a peer that vanished (RFC 6455 §7.4.1)
+CLOSE_POLICY = 1008
+RELAY_OPEN_TIMEOUT_S = 5.0
+RELAY_MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # the same cap uvicorn puts on the caller's side
+RELAY_MAX_QUEUE = 4  # frames the relay client may hold before it stops reading its socket
+# Codes that may not be sent in a close frame (RFC 6455 §7.4.1), and what the other side gets instead.
+_UNSENDABLE = {1005: CLOSE_NORMAL, 1006: CLOSE_GOING_AWAY, 1015: CLOSE_GOING_AWAY}
+
+PairKey = tuple[str, str]  # (caller, peer)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Closed:
+    code: int
+    reason: str
+
+
+class Peer(Protocol):
+    async def recv(self) -> str | bytes | Closed: ...
+    async def send(self, data: str | bytes) -> None: ...
+    async def close(self, code: int, reason: str = "") -> None: ...
+
+
+class AsgiPeer:
+    """A caller's accepted WebSocket, as raw ASGI messages (no framework object in the way)."""
+
+    def __init__(self, receive: Receive, send: Send) -> None:
+        self._receive = receive
+        self._send = send
+        self.closed = False
+
+    async def recv(self) -> str | bytes | Closed:
+        while True:
+            message = await self._receive()
+            kind = message["type"]
+            if kind == "websocket.receive":
+                data = message.get("bytes")
+                return data if data is not None else message.get("text") or ""
+            if kind == "websocket.disconnect":
+                self.closed = True
+                return Closed(int(message.get("code", 1005)), message.get("reason") or "")
+
+    async def send(self, data: str | bytes) -> None:
+        if self.closed:
+            raise ConnectionError("peer closed")
+        key = "bytes" if isinstance(data, bytes) else "text"
+        await self._send({"type": "websocket.send", key: data})
+
+    async def close(self, code: int, reason: str = "") -> None:
+        if self.closed:
+            return
+        self.closed = True
+        with contextlib.suppress(OSError, RuntimeError):
+            await self._send({"type": "websocket.close", "code": code, "reason": reason})
+
+
+class RelayPeer:
+    """The relay's side of a bridge: a ``websockets`` client connection."""
+
+    def __init__(self, conn: ClientConnection) -> None:
+        self._conn = conn
+
+    async def recv(self) -> str | bytes | Closed:
+        try:
+            return await self._conn.recv()
+        except websockets.ConnectionClosed as exc:
+            rcvd = exc.rcvd
+            return Closed(rcvd.code, rcvd.reason) if rcvd is not None else Closed(1006, "")
+
+    async def send(self, data: str | bytes) -> None:
+        await self._conn.send(data)
+
+    async def close(self, code: int, reason: str = "") -> None:
+        await self._conn.close(code, reason)
+
+
+@dataclasses.dataclass(eq=False)
+class Bridge:
+    """One open bridge: the edges it stands on and its two sides."""
+
+    edges: tuple[PairKey, ...]
+    sides: tuple[Peer, Peer]
+    pumps: int = 2
+
+    async def close(self, code: int, reason: str) -> None:
+        await asyncio.gather(*(side.close(code, reason) for side in self.sides), return_exceptions=True)
+
+
+@dataclasses.dataclass(eq=False)
+class _Waiter:
+    peer: AsgiPeer
+    paired: asyncio.Future[tuple[Peer, Bridge]]
+
+
+async def pump(source: Peer, sink: Peer, metrics: metrics_mod.Metrics, first: asyncio.Task[Any] | None = None) -> None:
+    """Relay ``source`` -> ``sink`` one message at a time until ``source`` closes; pass its close on."""
+    while True:
+        item = await first if first is not None else await source.recv()
+        first = None
+        if isinstance(item, Closed):
+            await sink.close(_UNSENDABLE.get(item.code, item.code), item.reason)
+            return
+        try:
+            await sink.send(item)
+        except (OSError, RuntimeError, websockets.ConnectionClosed):
+            # The sink is gone; its own pump passes its close back to ``source``.
+            return
+        metrics.mesh_bytes.inc(len(item))
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class MeshHub:
+    """Pairs mesh callers, runs their bridges, and closes the ones a new policy no longer allows."""
+
+    def __init__(
+        self,
+        *,
+        policy: store_mod.PolicyStore,
+        metrics: metrics_mod.Metrics,
+        relay_url: str | None,
+        pair_timeout_s: float,
+        clock: Callable[[], dt.datetime] = _utcnow,
+    ) -> None:
+        self._metrics = metrics
+        self._relay_url = relay_url
+        self._pair_timeout_s = pair_timeout_s
+        self._clock = clock
+        self._waiting: dict[PairKey, _Waiter] = {}
+        self._bridges: dict[PairKey, Bridge] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+        policy.subscribe(self.on_snapshot)
+
+    @property
+    def open_bridges(self) -> int:
+        return len(set(self._bridges.values()))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The ASGI endpoint of ``/mesh/{ns}/{name}`` (a WebSocket route)."""
+        principal = _asgi.state(scope).get(_asgi.PRINCIPAL)
+        if principal is None:
+            raise errors.Unauthenticated("no verified caller", code="missing_credentials")
+        params = scope.get("path_params", {})
+        caller, peer = principal.id, f"{params['ns']}/{params['name']}"
+        if caller == peer:
+            raise errors.InvalidRequest("a mesh bridge needs two different principals")
+        key = (caller, peer)
+        if key in self._waiting or key in self._bridges:
+            self._metrics.mesh_bridges.labels("conflict").inc()
+            raise errors.Conflict(f"a mesh connection {caller} -> {peer} is already open")
+
+        if await receive() != {"type": "websocket.connect"}:
+            return
+        counterpart = self._waiting.pop((peer, caller), None)
+        if counterpart is not None and not counterpart.paired.done():
+            await self._join(key, counterpart, receive, send)
+        elif self._relay_url is not None:
+            await self._relay(key, receive, send)
+        else:
+            await self._wait(key, receive, send)
+
+    async def _join(self, key: PairKey, counterpart: _Waiter, receive: Receive, send: Send) -> None:
+        await send({"type": "websocket.accept"})
+        me = AsgiPeer(receive, send)
+        bridge = Bridge(edges=(key, (key[1], key[0])), sides=(me, counterpart.peer))
+        for edge in bridge.edges:
+            self._bridges[edge] = bridge
+        self._metrics.mesh_bridges.labels("paired").inc()
+        self._metrics.mesh_bridges_active.inc()
+        counterpart.paired.set_result((me, bridge))
+        try:
+            await pump(me, counterpart.peer, self._metrics)
+        finally:
+            self._pump_done(bridge)
+
+    async def _wait(self, key: PairKey, receive: Receive, send: Send) -> None:
+        await send({"type": "websocket.accept"})
+        me = AsgiPeer(receive, send)
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(me, loop.create_future())
+        self._waiting[key] = waiter
+        # Read one message while waiting, to notice a caller that leaves; if it is data it is
+        # held (one message, no further reads: backpressure) and delivered first once paired.
+        first: asyncio.Task[str | bytes | Closed] = asyncio.ensure_future(me.recv())
+        watch: set[asyncio.Future[Any]] = {first, waiter.paired}
+        deadline = loop.time() + self._pair_timeout_s
+        try:
+            while not waiter.paired.done():
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                await asyncio.wait(watch, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+                if first.done() and not waiter.paired.done():
+                    if isinstance(first.result(), Closed):
+                        return  # the caller left before its counterpart came
+                    watch = {waiter.paired}
+        finally:
+            if self._waiting.get(key) is waiter:
+                del self._waiting[key]
+        if not waiter.paired.done() or waiter.paired.cancelled():
+            timed_out = not waiter.paired.done()
+            waiter.paired.cancel()
+            first.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await first
+            if timed_out:
+                self._metrics.mesh_bridges.labels("pair_timeout").inc()
+                await me.close(CLOSE_GOING_AWAY, "no counterpart within mesh.pairTimeoutS")
+            return  # cancelled: the policy change that dropped the edge is closing it
+        other, bridge = waiter.paired.result()
+        try:
+            await pump(me, other, self._metrics, first)
+        finally:
+            self._pump_done(bridge)
+
+    async def _relay(self, key: PairKey, receive: Receive, send: Send) -> None:
+        assert self._relay_url is not None
+        headers = {FROM_HEADER: key[0], TO_HEADER: key[1]}
+        try:
+            conn = await websockets.connect(
+                self._relay_url,
+                additional_headers=headers,
+                open_timeout=RELAY_OPEN_TIMEOUT_S,
+                max_size=RELAY_MAX_MESSAGE_BYTES,
+                max_queue=RELAY_MAX_QUEUE,
+                compression=None,
+            )
+        except (OSError, TimeoutError, websockets.InvalidHandshake, websockets.InvalidURI) as exc:
+            raise errors.UpstreamError(
+                f"mesh relay unreachable: {type(exc).__name__}", code="upstream_unavailable"
+            ) from exc
+        await send({"type": "websocket.accept"})
+        me, relay = AsgiPeer(receive, send), RelayPeer(conn)
+        bridge = Bridge(edges=(key,), sides=(me, relay))
+        self._bridges[key] = bridge
+        self._metrics.mesh_bridges.labels("relayed").inc()
+        self._metrics.mesh_bridges_active.inc()
+        try:
+            await asyncio.gather(pump(me, relay, self._metrics), pump(relay, me, self._metrics))
+        finally:
+            bridge.pumps = 1
+            self._pump_done(bridge)
+            await conn.close()
+
+    def _pump_done(self, bridge: Bridge) -> None:
+        bridge.pumps -= 1
+        if bridge.pumps == 0:
+            for edge in bridge.edges:
+                if self._bridges.get(edge) is bridge:
+                    del self._bridges[edge]
+            self._metrics.mesh_bridges_active.dec()
+
+    # -- policy changes ---------------------------------------------------------------------
+
+    def on_snapshot(self, snap: snapshot_mod.Snapshot) -> None:
+        """Close, with 1008, every bridge and waiter whose edge the new snapshot no longer has."""
+        now = self._clock()
+        doomed: set[Bridge] = set()
+        for bridge in set(self._bridges.values()):
+            if any(snap.trust_edge(src, dst, now) is None for src, dst in bridge.edges):
+                doomed.add(bridge)
+        for key, waiter in list(self._waiting.items()):
+            if snap.trust_edge(key[0], key[1], now) is None:
+                del self._waiting[key]
+                waiter.paired.cancel()
+                self._spawn(waiter.peer.close(CLOSE_POLICY, "trust edge removed"))
+        for bridge in doomed:
+            self._metrics.mesh_bridges.labels("closed_by_policy").inc()
+            self._spawn(bridge.close(CLOSE_POLICY, "trust edge removed"))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def aclose(self) -> None:
+        """At shutdown: every waiter and bridge is told the router is going away."""
+        for waiter in self._waiting.values():
+            waiter.paired.cancel()
+            self._spawn(waiter.peer.close(CLOSE_GOING_AWAY, "router shutting down"))
+        for bridge in set(self._bridges.values()):
+            self._spawn(bridge.close(CLOSE_GOING_AWAY, "router shutting down"))
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
