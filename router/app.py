@@ -22,10 +22,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 
-from router import errors, ops
+from router import budget_api, errors, ops, stores
 from router.identity import devtokens, jwks, verifier
 from router.middleware import admin, body_limit, identity, observe, trust_graph
 from router.middleware import errors as error_mw
+from router.middleware import token_budget as budget_mw
 from router.observability import logs
 from router.observability import metrics as metrics_mod
 from router.policy import store as store_mod
@@ -48,6 +49,7 @@ class Runtime:
     dev_key: Any
     http: httpx.AsyncClient
     ops: ops.Ops
+    budget_store: stores.base.CounterStore | None = None
     mesh: mesh.MeshHub | None = None
     foundry: foundry.FoundryTransport | None = None
     access_log: logs.AccessLog | None = None
@@ -104,6 +106,9 @@ def build_app(settings: Settings) -> Starlette:
     )
     operations = ops.Ops(metrics, policy)
     runtime = Runtime(settings, metrics, policy, token_verifier, dev_key, http, operations)
+    budget_store = runtime.budget_store = stores.create(settings.budgets)
+    budget_routes = budget_api.BudgetApi(budget_store, policy)
+    operations.ready_checks["budget store reachable"] = budget_routes.ready
     mesh_hub = mesh.MeshHub(
         policy=policy, metrics=metrics, relay_url=settings.mesh.relay_url, pair_timeout_s=settings.mesh.pair_timeout_s
     )
@@ -127,6 +132,7 @@ def build_app(settings: Settings) -> Starlette:
         Route("/metrics", operations.metrics_endpoint, methods=["GET"]),
         Route("/internal/policy-status", operations.policy_status, methods=["GET"]),
         Route("/v1/whoami", operations.whoami, methods=["GET"]),
+        Route("/v1/budgets", budget_routes.budgets, methods=["GET"]),
         WebSocketRoute("/mesh/{ns}/{name}", mesh_hub),
     ]
     route_names: dict[Callable[..., Any], str] = {}
@@ -144,6 +150,8 @@ def build_app(settings: Settings) -> Starlette:
         stop = asyncio.Event()
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(http.aclose)
+            await budget_store.open()
+            stack.push_async_callback(budget_store.close)
             stack.push_async_callback(mesh_hub.aclose)
             if foundry_client is not None and foundry_broker is not None:
                 await foundry_client.start()
@@ -183,6 +191,7 @@ def build_app(settings: Settings) -> Starlette:
             metrics=metrics,
         ),
         Middleware(trust_graph.TrustGraphMiddleware, policy=policy, metrics=metrics),
+        Middleware(budget_mw.TokenBudgetMiddleware, store=budget_store, policy=policy, metrics=metrics),
     ]
     routes.extend(runtime.foundry.routes())  # catch-alls (/v1/...): after every other route
     app = Starlette(

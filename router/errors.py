@@ -12,7 +12,8 @@ shape of SPEC.md §7 so SDKs raise their usual exceptions::
     ├── MethodNotAllowed           405     method_not_allowed
     ├── Conflict                   409     conflict
     ├── PayloadTooLarge            413     payload_too_large
-    ├── TooManyRequests            429     budget_exceeded | per_request_tokens_exceeded | rate_limited
+    ├── TooManyRequests            429     rate_limited
+    │   └── TokenBudgetExceeded    429     budget_exceeded | per_request_tokens_exceeded
     ├── UpstreamError              502     upstream_error | upstream_unavailable
     ├── ServiceUnavailable         503     upstream_not_configured | content_safety_unavailable
     │                                      | budget_store_unavailable | not_ready
@@ -118,6 +119,13 @@ class TooManyRequests(KarsError):
     status = 429
     default_code = "rate_limited"
     error_type = "rate_limit_error"
+
+
+class TokenBudgetExceeded(TooManyRequests):
+    """A token budget refused the request (SPEC.md §3): ``type`` is ``token_budget_exceeded``."""
+
+    default_code = "budget_exceeded"
+    error_type = "token_budget_exceeded"
 
 
 class UpstreamError(KarsError):

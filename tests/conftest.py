@@ -11,6 +11,7 @@ import pytest
 
 from router import settings as settings_mod
 from router.app import build_app
+from tests.support import redis_server as redis_support
 from tests.support import servers
 
 
@@ -62,3 +63,17 @@ def router_server(make_settings: Callable[..., settings_mod.Settings]) -> Iterat
     yield start
     while stack:
         stack.pop().__exit__(None, None, None)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[redis_support.RedisServer]:
+    """A real redis-server on loopback for the whole session (skipped without the binary, unless CI)."""
+    with redis_support.running() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: redis_support.RedisServer) -> str:
+    """The session's Redis, emptied for this test."""
+    redis_server.client().flushall()
+    return redis_server.url

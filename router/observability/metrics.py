@@ -89,3 +89,40 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        # Token budgets (router/middleware/token_budget.py); window "request" is perRequestTokens.
+        self.budget_tokens_reserved = Counter(
+            "kars_budget_tokens_reserved",
+            "Tokens reserved against budget counters before forwarding, by scope and window.",
+            ["scope", "window"],
+            registry=r,
+        )
+        self.budget_tokens_settled = Counter(
+            "kars_budget_tokens_settled",
+            "Tokens charged to budget counters after the response (actual usage), by scope and window.",
+            ["scope", "window"],
+            registry=r,
+        )
+        self.budget_tokens_rejected = Counter(
+            "kars_budget_tokens_rejected",
+            "Tokens of requests refused with 429, by the scope and window that refused them.",
+            ["scope", "window"],
+            registry=r,
+        )
+        self.budget_over_limit_allowed = Counter(
+            "kars_budget_over_limit_allowed",
+            "Requests forwarded past a full budget because its policy has rejectOnExceed: false.",
+            ["scope", "window"],
+            registry=r,
+        )
+        self.budget_rejections = Counter(
+            "kars_budget_rejections",
+            "Requests refused by token budgets, by error code.",
+            ["code"],
+            registry=r,
+        )
+        self.budget_store_errors = Counter(
+            "kars_budget_store_errors",
+            "Budget store operations that failed (store unreachable), by operation.",
+            ["operation"],
+            registry=r,
+        )

@@ -124,6 +124,9 @@ class TokenBudget(Strict):
     monthly_tokens: PositiveTokens | None = None
     scope: Literal["sandbox", "namespace", "cluster"] = "sandbox"
     reject_on_exceed: bool = True
+    # The budget store unreachable: false (default) refuses with 503 budget_store_unavailable;
+    # true forwards the request uncounted. Fails open only if every budget that applies says so.
+    fail_open: bool = False
 
     @pydantic.model_validator(mode="after")
     def _windows_nest(self) -> TokenBudget:

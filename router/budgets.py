@@ -1,0 +1,167 @@
+"""What a request may cost and which counters it charges (SPEC.md §3 tokenBudget). Pure, no I/O.
+
+**Worst case.** Before forwarding, a request reserves the most it could cost:
+
+- the prompt, estimated from the JSON body without a tokenizer: every string costs
+  ``chars / 4`` plus half a token per extra UTF-8 byte (so CJK text, ~1 token per character in
+  real tokenizers, is estimated at 1.25 per character rather than the 0.25 a plain ``chars / 4``
+  would give); every number costs 1 (token-id arrays of embeddings); a ``data:`` URL (an inline
+  image) costs ``DATA_URL_TOKENS``; plus ``PROMPT_OVERHEAD_TOKENS``. Keys are not counted. This is
+  an estimate: the settle afterwards is exact, and prompts held upstream (``previous_response_id``)
+  are invisible here. A tokenizer (tiktoken) would cost milliseconds per request on the hot path.
+- plus the output: the largest of ``max_completion_tokens``/``max_tokens``/``max_output_tokens``
+  times the number of choices (``n``, ``best_of``); embeddings have no output. When the request
+  names no maximum, the worst case is the smallest ``perRequestTokens`` of the policies that
+  apply (or, with none, the prompt plus ``DEFAULT_OUTPUT_TOKENS``).
+
+**Counters.** Each budget policy keeps its own counters: one per window it sets (hour, day,
+month: UTC calendar windows) for the caller's scope key: the sandbox (``ns/name``), its
+namespace (``ns``) or the whole cluster (``*``, every caller the policy applies to). The
+counter id names the policy, not its limits, so a changed limit applies to the next request
+and keeps the usage already counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from router.policy import model
+from router.stores import base, windows
+
+ASCII_CHARS_PER_TOKEN = 4
+TOKENS_PER_EXTRA_UTF8_BYTE = 0.5
+PROMPT_OVERHEAD_TOKENS = 8  # message framing the body does not spell out
+DATA_URL_TOKENS = 1_500  # an inline image: the most a high-detail image costs on GPT-4o-class models
+DEFAULT_OUTPUT_TOKENS = 4_096  # reserved when neither the request nor any policy bounds the output
+MAX_OUTPUT_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+CHOICE_FIELDS = ("n", "best_of")
+CLUSTER_KEY = "*"
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def estimate_prompt_tokens(body: Any) -> int:
+    """A cheap estimate of the prompt tokens in a request body (see the module docstring)."""
+    total = 0.0
+    stack = [body]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            if value.startswith("data:"):
+                total += DATA_URL_TOKENS
+            elif value.isascii():
+                total += len(value) / ASCII_CHARS_PER_TOKEN
+            else:
+                extra = len(value.encode("utf-8", "surrogatepass")) - len(value)
+                total += len(value) / ASCII_CHARS_PER_TOKEN + extra * TOKENS_PER_EXTRA_UTF8_BYTE
+        elif isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            total += 1
+    return math.ceil(total) + PROMPT_OVERHEAD_TOKENS
+
+
+def requested_output(body: Any) -> int | None:
+    """The most output tokens the request asks for (all choices together), or None if unbounded."""
+    if not isinstance(body, dict):
+        return None
+    maxima = [body[f] for f in MAX_OUTPUT_FIELDS if _is_count(body.get(f))]
+    if not maxima:
+        return None
+    choices = max([body[f] for f in CHOICE_FIELDS if _is_count(body.get(f)) and body[f] > 0] or [1])
+    return int(max(maxima)) * int(choices)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WorstCase:
+    prompt: int  # the prompt estimate
+    tokens: int  # what the request reserves
+
+
+def worst_case(action: str, body: Any, policies: Sequence[model.InferencePolicy]) -> WorstCase:
+    prompt = estimate_prompt_tokens(body)
+    if action == "embeddings":
+        return WorstCase(prompt, prompt)
+    output = requested_output(body)
+    if output is not None:
+        return WorstCase(prompt, prompt + output)
+    caps = [p.spec.token_budget.per_request_tokens for p in policies if p.spec.token_budget is not None]
+    bounded = [c for c in caps if c is not None]
+    if bounded:
+        return WorstCase(prompt, max(prompt, min(bounded)))
+    return WorstCase(prompt, prompt + DEFAULT_OUTPUT_TOKENS)
+
+
+def over_cap(policies: Sequence[model.InferencePolicy], tokens: int) -> tuple[model.InferencePolicy, int] | None:
+    """The first policy whose ``perRequestTokens`` is below ``tokens``, with that cap."""
+    for p in policies:
+        cap = p.spec.token_budget.per_request_tokens if p.spec.token_budget is not None else None
+        if cap is not None and tokens > cap:
+            return p, cap
+    return None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Line:
+    """One counter of one policy for one caller: what a reservation charges and /v1/budgets shows."""
+
+    policy: str  # "ns/name" of the InferencePolicy
+    scope: str  # sandbox | namespace | cluster
+    key: str  # whose counter: "ns/name", "ns" or "*"
+    span: windows.Span
+    limit: int
+    enforce: bool  # rejectOnExceed
+    fail_open: bool
+
+    @property
+    def counter(self) -> str:
+        return f"{self.policy}|{self.scope}:{self.key}|{self.span.name}"
+
+    def charge(self) -> base.Charge:
+        # The counter outlives its window by the reservation lifetime, so a late settle finds it.
+        return base.Charge(self.counter, self.limit, self.span.end + base.RESERVATION_TTL_S, self.enforce)
+
+
+def scope_key(scope: str, namespace: str, name: str) -> str:
+    if scope == "sandbox":
+        return f"{namespace}/{name}"
+    if scope == "namespace":
+        return namespace
+    return CLUSTER_KEY
+
+
+def lines(policies: Iterable[model.InferencePolicy], namespace: str, name: str, now: float) -> list[Line]:
+    """Every counter the budget policies in ``policies`` keep for caller ``namespace/name`` at ``now``."""
+    out = []
+    for p in policies:
+        budget = p.spec.token_budget
+        if budget is None:
+            continue
+        limits: tuple[tuple[windows.Window, int | None], ...] = (
+            ("hour", budget.hourly_tokens),
+            ("day", budget.daily_tokens),
+            ("month", budget.monthly_tokens),
+        )
+        key = scope_key(budget.scope, namespace, name)
+        for window, limit in limits:
+            if limit is not None:
+                span = windows.span(window, now)
+                out.append(
+                    Line(
+                        f"{p.namespace}/{p.name}",
+                        budget.scope,
+                        key,
+                        span,
+                        limit,
+                        budget.reject_on_exceed,
+                        budget.fail_open,
+                    )
+                )
+    return out

@@ -1,0 +1,223 @@
+"""Token budgets: reserve the worst case before forwarding, settle to actual usage after (SPEC.md §3).
+
+Only on inference routes that generate (``router.inference.classify``) and only when a policy
+with a ``tokenBudget`` applies to the caller. In order:
+
+1. ``perRequestTokens`` below the request's worst case -> 429 ``per_request_tokens_exceeded``
+   (needs no counter, so it is checked first).
+2. Reserve the worst case on every counter of every budget that applies, in one atomic store
+   operation. A counter that cannot take it -> 429 ``budget_exceeded`` with ``Retry-After``
+   (seconds until the latest-resetting full window resets: retrying sooner cannot succeed),
+   ``x-ratelimit-remaining-tokens`` and ``x-ratelimit-reset-tokens`` of that window. A full
+   counter of a ``rejectOnExceed: false`` policy lets the request through, counted, with
+   ``x-kars-budget: exceeded`` on the response, a metric and the access-log field ``budget``.
+3. After the response: usage reported by the transport -> settle to it; output sent but no usage
+   (a stream cut short) -> keep the whole reservation; no output -> release it.
+
+Store unreachable -> 503 ``budget_store_unavailable``, unless every budget that applies has
+``failOpen: true`` (then the request goes through uncounted, flagged ``x-kars-budget: unavailable``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from router import _asgi, _body, budgets, errors, inference
+from router.identity.principal import Principal
+from router.observability import metrics as metrics_mod
+from router.policy import model
+from router.policy import store as policy_store
+from router.stores import base
+
+log = logging.getLogger("kars.budget")
+
+FLAG_HEADER = b"x-kars-budget"
+LOG_FIELD = "budget"  # access-log field: ok | exceeded | rejected | unavailable
+Clock = Callable[[], float]
+
+
+def budget_policies(snapshot: Any, principal: Principal, action: str) -> tuple[model.InferencePolicy, ...]:
+    """The policies with a token budget that apply to ``principal`` for ``action``."""
+    found = snapshot.inference_policies(principal.namespace, principal.name, action)
+    return tuple(p for p in found if p.spec.token_budget is not None)
+
+
+def _duration(seconds: float) -> str:
+    """OpenAI's ``x-ratelimit-reset-tokens`` form: ``1h2m3s``, ``45s``."""
+    total = max(1, math.ceil(seconds))
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    return (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes or hours else "") + f"{secs}s"
+
+
+class TokenBudgetMiddleware:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        store: base.CounterStore,
+        policy: policy_store.PolicyStore,
+        metrics: metrics_mod.Metrics,
+        clock: Clock = time.time,
+    ) -> None:
+        self.app = app
+        self._store = store
+        self._policy = policy
+        self._metrics = metrics
+        self._clock = clock
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        route = inference.classify(scope["path"])
+        st = _asgi.state(scope)
+        principal = st.get(_asgi.PRINCIPAL)
+        if route is None or not route.generates or principal is None:
+            return await self.app(scope, receive, send)
+        snapshot = st.setdefault(_asgi.SNAPSHOT, self._policy.snapshot)
+        policies = budget_policies(snapshot, principal, route.action)
+        if not policies:
+            return await self.app(scope, receive, send)
+        body = await _body.read_json(scope, receive)
+        await _Budgeted(self, scope, principal, policies).run(route.action, body, _body.replay(scope, receive), send)
+
+
+class _Budgeted:
+    """One budgeted request: reserve, forward, settle."""
+
+    def __init__(
+        self, mw: TokenBudgetMiddleware, scope: Scope, principal: Principal, policies: Sequence[model.InferencePolicy]
+    ) -> None:
+        self.mw = mw
+        self.scope = scope
+        self.principal = principal
+        self.policies = policies
+        self.fields: dict[str, Any] = _asgi.state(scope).setdefault(_asgi.LOG_FIELDS, {})
+
+    def _reject(self, code: str, scope: str, window: str, tokens: int) -> None:
+        m = self.mw._metrics
+        m.budget_rejections.labels(code).inc()
+        m.budget_tokens_rejected.labels(scope, window).inc(tokens)
+        self.fields[LOG_FIELD] = "rejected"
+
+    async def run(self, action: str, body: Any, receive: Receive, send: Send) -> None:
+        mw, m = self.mw, self.mw._metrics
+        worst = budgets.worst_case(action, body, self.policies)
+        self._check_cap(worst)
+        now = mw._clock()
+        lines = budgets.lines(self.policies, self.principal.namespace, self.principal.name, now)
+        charges = [line.charge() for line in lines]
+        rid = uuid.uuid4().hex
+        deadline = now + base.RESERVATION_TTL_S
+        try:
+            outcome = await mw._store.reserve(rid, charges, worst.tokens, deadline=deadline, now=now)
+        except base.StoreUnavailable as exc:
+            m.budget_store_errors.labels("reserve").inc()
+            self.fields[LOG_FIELD] = "unavailable"
+            if all(line.fail_open for line in lines):
+                log.warning("budget store unavailable, failing open: %s", exc)
+                return await mw.app(self.scope, receive, _flagging(send, b"unavailable"))
+            m.budget_rejections.labels("budget_store_unavailable").inc()
+            raise errors.ServiceUnavailable(
+                "the token budget store is unavailable", code="budget_store_unavailable"
+            ) from None
+
+        fit = [base.fits(c, ch, worst.tokens) for ch, c in zip(charges, outcome.before, strict=True)]
+        if not outcome.admitted:
+            judged = zip(lines, outcome.before, fit, strict=True)
+            self._refuse([(line, c) for line, c, ok in judged if line.enforce and not ok], worst, now)
+        over = [line for line, ok in zip(lines, fit, strict=True) if not ok]  # all rejectOnExceed: false here
+        for line in lines:
+            m.budget_tokens_reserved.labels(line.scope, line.span.window).inc(worst.tokens)
+        for line in over:
+            m.budget_over_limit_allowed.labels(line.scope, line.span.window).inc()
+        self.fields[LOG_FIELD] = "exceeded" if over else "ok"
+        self.fields["budgetReservedTokens"] = worst.tokens
+        try:
+            await mw.app(self.scope, receive, _flagging(send, b"exceeded") if over else send)
+        finally:
+            # Shielded: a cancelled request still settles (or releases) its reservation.
+            await asyncio.shield(self._finish(rid, lines, worst.tokens))
+
+    def _check_cap(self, worst: budgets.WorstCase) -> None:
+        capped = budgets.over_cap(self.policies, worst.tokens)
+        if capped is None:
+            return
+        policy, cap = capped
+        assert policy.spec.token_budget is not None
+        m = self.mw._metrics
+        m.budget_rejections.labels("per_request_tokens_exceeded").inc()
+        m.budget_tokens_rejected.labels(policy.spec.token_budget.scope, "request").inc(worst.tokens)
+        self.fields[LOG_FIELD] = "rejected"
+        raise errors.TokenBudgetExceeded(
+            f"this request may use up to {worst.tokens} tokens (prompt estimate {worst.prompt} + maximum "
+            f"output); InferencePolicy {policy.namespace}/{policy.name} allows {cap} per request",
+            code="per_request_tokens_exceeded",
+            headers={"x-should-retry": "false"},
+        )
+
+    def _refuse(self, full: list[tuple[budgets.Line, base.Counter]], worst: budgets.WorstCase, now: float) -> NoReturn:
+        m = self.mw._metrics
+        for line, _ in full:
+            m.budget_tokens_rejected.labels(line.scope, line.span.window).inc(worst.tokens)
+        m.budget_rejections.labels("budget_exceeded").inc()
+        self.fields[LOG_FIELD] = "rejected"
+        # The window that resets last: retrying before it resets cannot succeed.
+        line, counter = max(full, key=lambda lc: lc[0].span.end)
+        wait_s = line.span.seconds_left(now)
+        raise errors.TokenBudgetExceeded(
+            f"token budget exceeded: InferencePolicy {line.policy} allows {line.limit} tokens per "
+            f"{line.span.window} for {line.scope} {line.key}; {counter.used} used, {counter.reserved} reserved, "
+            f"this request may use up to {worst.tokens}; the {line.span.window} resets at {line.span.resets_at}",
+            headers={
+                "retry-after": str(max(1, math.ceil(wait_s))),
+                "x-ratelimit-remaining-tokens": str(counter.remaining(line.limit)),
+                "x-ratelimit-reset-tokens": _duration(wait_s),
+                "x-should-retry": "false",
+            },
+        )
+
+    async def _finish(self, rid: str, lines: Sequence[budgets.Line], reserved: int) -> None:
+        st = _asgi.state(self.scope)
+        usage = st.get(_asgi.USAGE)
+        counters = [line.counter for line in lines]
+        store, m = self.mw._store, self.mw._metrics
+        if usage is not None:
+            actual, operation = usage.total_tokens, "settle"
+        elif st.get(_asgi.UPSTREAM_OUTPUT):
+            actual, operation = reserved, "settle"  # output without usage: charged in full (SPEC.md §3)
+        else:
+            actual, operation = 0, "release"
+        try:
+            if operation == "settle":
+                await store.settle(rid, counters, actual)
+            else:
+                await store.release(rid, counters)
+        except base.StoreUnavailable as exc:
+            # The reservation stays until its deadline; then a sweep releases it.
+            m.budget_store_errors.labels(operation).inc()
+            log.error("budget %s of reservation %s failed: %s", operation, rid, exc)
+            return
+        self.fields["budgetChargedTokens"] = actual
+        if actual:
+            for line in lines:
+                m.budget_tokens_settled.labels(line.scope, line.span.window).inc(actual)
+
+
+def _flagging(send: Send, value: bytes) -> Send:
+    """``send`` that adds ``x-kars-budget: <value>`` to the response start."""
+
+    async def flagged(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), (FLAG_HEADER, value)]}
+        await send(message)
+
+    return flagged

@@ -1,0 +1,202 @@
+"""The counter-store contract, run against every store: memory, SQLite (a file) and Redis (a real server)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from router.stores import base, memory, sqlite
+from router.stores import redis as redis_store
+
+NOW = float(int(time.time()))  # Redis expires keys by its own (real) clock
+LATER = NOW + 60
+FAR = NOW + 10 * 86400  # counters' expiry in these tests: well after every "now" used
+
+
+def charge(counter: str, limit: int, *, enforce: bool = True, expires_at: float = FAR) -> base.Charge:
+    return base.Charge(counter, limit, expires_at, enforce)
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[base.CounterStore]:
+    s: base.CounterStore
+    if request.param == "memory":
+        s = memory.MemoryStore()
+    elif request.param == "sqlite":
+        s = sqlite.SqliteStore(tmp_path / "budgets.db")
+    else:
+        s = redis_store.RedisStore(request.getfixturevalue("redis_url"))
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+async def reserve(s: base.CounterStore, rid: str, charges: list[base.Charge], amount: int, **kw: float) -> base.Outcome:
+    kw.setdefault("now", NOW)
+    kw.setdefault("deadline", NOW + base.RESERVATION_TTL_S)
+    return await s.reserve(rid, charges, amount, deadline=kw["deadline"], now=kw["now"])
+
+
+async def test_reserve_settle_release(store: base.CounterStore) -> None:
+    charges = [charge("a", 100), charge("b", 1000)]
+    out = await reserve(store, "r1", charges, 60)
+    assert out == base.Outcome(True, (base.Counter(0, 0), base.Counter(0, 0)))
+    assert await store.read(["a", "b"]) == [base.Counter(0, 60), base.Counter(0, 60)]
+
+    await store.settle("r1", ["a", "b"], 25)
+    assert await store.read(["a", "b"]) == [base.Counter(25, 0), base.Counter(25, 0)]
+
+    out = await reserve(store, "r2", charges, 70)
+    assert out == base.Outcome(True, (base.Counter(25, 0), base.Counter(25, 0)))
+    await store.release("r2", ["a", "b"])
+    assert await store.read(["a", "b"]) == [base.Counter(25, 0), base.Counter(25, 0)]
+
+
+async def test_refusal_changes_nothing_on_any_counter(store: base.CounterStore) -> None:
+    await reserve(store, "r1", [charge("a", 100)], 90)
+    out = await reserve(store, "r2", [charge("b", 1000), charge("a", 100)], 20)
+    assert out == base.Outcome(False, (base.Counter(0, 0), base.Counter(0, 90)))
+    assert await store.read(["a", "b"]) == [base.Counter(0, 90), base.Counter(0, 0)]
+    # Exactly to the limit is allowed.
+    assert (await reserve(store, "r3", [charge("b", 1000), charge("a", 100)], 10)).admitted
+
+
+async def test_unenforced_counter_is_charged_past_its_limit(store: base.CounterStore) -> None:
+    await store.settle("none", [], 0)  # settling an unknown reservation with no counters is harmless
+    await reserve(store, "r1", [charge("soft", 50, enforce=False)], 40)
+    out = await reserve(store, "r2", [charge("soft", 50, enforce=False), charge("hard", 500)], 40)
+    assert out.admitted
+    assert not base.fits(out.before[0], charge("soft", 50), 40)
+    assert await store.read(["soft", "hard"]) == [base.Counter(0, 80), base.Counter(0, 40)]
+
+
+async def test_settle_above_the_reservation_counts_actual_usage(store: base.CounterStore) -> None:
+    await reserve(store, "r1", [charge("a", 100)], 50)
+    await store.settle("r1", ["a"], 130)
+    assert await store.read(["a"]) == [base.Counter(130, 0)]
+    out = await reserve(store, "r2", [charge("a", 100)], 1)
+    assert not out.admitted
+    assert out.before[0].remaining(100) == 0  # never negative
+
+
+async def test_expired_reservations_are_swept_by_the_next_reserve(store: base.CounterStore) -> None:
+    await reserve(store, "dead", [charge("a", 100)], 80, deadline=NOW + 10)  # a router that crashed
+    out = await reserve(store, "r2", [charge("a", 100)], 50, now=NOW + 5)
+    assert not out.admitted  # still within its deadline
+    out = await reserve(store, "r3", [charge("a", 100)], 50, now=NOW + 11)
+    assert out.admitted
+    assert out.before == (base.Counter(0, 0),)
+    # The crashed router's settle arrives after all: usage is recorded, nothing released twice.
+    await store.settle("dead", ["a"], 30)
+    assert await store.read(["a"]) == [base.Counter(30, 50)]
+    await store.release("dead", ["a"])
+    assert await store.read(["a"]) == [base.Counter(30, 50)]
+
+
+async def test_counters_expire_after_their_window(store: base.CounterStore) -> None:
+    now = time.time()  # Redis expires keys on its own clock
+    await reserve(store, "r1", [charge("old", 100, expires_at=now - 5)], 10, now=now - 10, deadline=now + 100)
+    await store.settle("r1", ["old"], 10)
+    await reserve(store, "r2", [charge("new", 100)], 10, now=now, deadline=now + 100)
+    assert await store.read(["old"]) == [base.Counter(0, 0)]
+
+
+async def test_concurrent_reserves_never_overcommit(store: base.CounterStore) -> None:
+    limit, amount, n = 1000, 7, 300
+    outs = await asyncio.gather(
+        *(reserve(store, f"r{i}", [charge("day", limit), charge("month", 10 * limit)], amount) for i in range(n))
+    )
+    admitted = sum(o.admitted for o in outs)
+    assert admitted == limit // amount
+    assert await store.read(["day", "month"]) == [base.Counter(0, admitted * amount)] * 2
+    for o in outs:
+        if not o.admitted:
+            assert o.before[0].used + o.before[0].reserved + amount > limit
+
+
+async def test_read_of_unknown_counters(store: base.CounterStore) -> None:
+    assert await store.read([]) == []
+    assert await store.read(["nope"]) == [base.Counter()]
+    assert await store.ping() is None
+
+
+# -- store-specific ---------------------------------------------------------------------------
+
+
+async def test_sqlite_counters_survive_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "budgets.db"
+    s = sqlite.SqliteStore(path)
+    await s.open()
+    await reserve(s, "r1", [charge("a", 100)], 10)
+    await s.settle("r1", ["a"], 7)
+    await reserve(s, "r2", [charge("a", 100)], 20)  # in flight when the router stops
+    await s.close()
+    s = sqlite.SqliteStore(path)
+    await s.open()
+    try:
+        assert await s.read(["a"]) == [base.Counter(7, 20)]
+        await s.settle("r2", ["a"], 5)
+        assert await s.read(["a"]) == [base.Counter(12, 0)]
+    finally:
+        await s.close()
+
+
+async def test_sqlite_unusable_path_is_unavailable(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    s = sqlite.SqliteStore(blocker / "budgets.db")
+    with pytest.raises((base.StoreUnavailable, OSError)):
+        await s.open()
+    with pytest.raises(base.StoreUnavailable):
+        await reserve(sqlite.SqliteStore(tmp_path / "never-opened.db"), "r", [charge("a", 1)], 1)
+    s2 = sqlite.SqliteStore(tmp_path / "x.db")
+    assert await s2.ping() is not None  # not open
+
+
+async def test_redis_scripts_are_idempotent_under_client_retries(redis_url: str) -> None:
+    s = redis_store.RedisStore(redis_url)
+    await s.open()
+    try:
+        assert (await reserve(s, "r1", [charge("a", 100)], 60)).admitted
+        assert (await reserve(s, "r1", [charge("a", 100)], 60)).admitted  # a retried reserve: charged once
+        assert await s.read(["a"]) == [base.Counter(0, 60)]
+        await s.settle("r1", ["a"], 40)
+        await s.settle("r1", ["a"], 40)  # a retried settle: counted once
+        await s.release("r1", ["a"])
+        assert await s.read(["a"]) == [base.Counter(40, 0)]
+    finally:
+        await s.close()
+
+
+async def test_redis_keys_expire_with_their_window(redis_url: str, redis_server: object) -> None:
+    s = redis_store.RedisStore(redis_url)
+    await s.open()
+    try:
+        await reserve(s, "r1", [charge("a", 100, expires_at=NOW + 86400)], 60)
+        ttl_at = await s._client.expiretime("kars:budget:c:a")  # type: ignore[union-attr]
+        assert ttl_at == int(NOW + 86400)
+    finally:
+        await s.close()
+
+
+async def test_redis_unreachable_is_unavailable() -> None:
+    from tests.support import servers
+
+    s = redis_store.RedisStore(f"redis://127.0.0.1:{servers.free_port()}/0")
+    await s.open()
+    try:
+        started = time.monotonic()
+        with pytest.raises(base.StoreUnavailable):
+            await reserve(s, "r", [charge("a", 1)], 1)
+        assert time.monotonic() - started < 5  # fails fast, never hangs a request
+        assert (await s.ping()) is not None
+        with pytest.raises(base.StoreUnavailable):
+            await s.read(["a"])
+    finally:
+        await s.close()
