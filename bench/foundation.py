@@ -9,9 +9,11 @@ ratio, not the absolute number, is what to compare across machines.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from bench import _load
@@ -28,97 +30,51 @@ app = Starlette(routes=[Route("/healthz", healthz)])
 """
 
 
+@contextlib.contextmanager
+def kars_router(work: Path, *, access_log: bool) -> Iterator[str]:
+    """A pinned ``kars router`` on the example policy; yields its base URL."""
+    port = _load.free_port()
+    argv = [sys.executable, "-m", "router", "router", "--policy-dir", str(_load.ROOT / "examples"), "--port", str(port)]
+    env = {"KARS_LOG_ACCESS": str(access_log).lower(), "KARS_BUDGETS_STORE": "memory"}
+    url = f"http://127.0.0.1:{port}"
+    # The access log (stdout) goes to /dev/null: with it on, this measures formatting and writing it.
+    with _load.process(_load.pinned(_load.SERVER_CORE, argv), ready_url=f"{url}/readyz", env=env, cwd=work):
+        yield url
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench foundation")
     parser.add_argument("--seconds", type=int, default=10)
     args = parser.parse_args(argv)
-    py = sys.executable
     rows: list[tuple[str, _load.WrkResult]] = []
+
+    def measure(name: str, url: str, headers: tuple[str, ...] = ()) -> None:
+        rows.append((name, _load.wrk(url, seconds=args.seconds, headers=headers)))
+
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         (work / "bare_app.py").write_text(BARE_APP)
         port = _load.free_port()
-        bare = _load.pinned(
-            _load.SERVER_CORE,
-            [
-                py,
-                "-m",
-                "uvicorn",
-                "bare_app:app",
-                "--port",
-                str(port),
-                "--loop",
-                "uvloop",
-                "--http",
-                "httptools",
-                "--no-access-log",
-                "--log-level",
-                "warning",
-            ],
-        )
-        with _load.process(bare, ready_url=f"http://127.0.0.1:{port}/healthz", cwd=work):
-            rows.append(
-                ("bare Starlette, /healthz", _load.wrk(f"http://127.0.0.1:{port}/healthz", seconds=args.seconds))
-            )
+        bare = [sys.executable, "-m", "uvicorn", "bare_app:app", "--port", str(port), "--loop", "uvloop"]
+        bare += ["--http", "httptools", "--no-access-log", "--log-level", "warning"]
+        with _load.process(
+            _load.pinned(_load.SERVER_CORE, bare), ready_url=f"http://127.0.0.1:{port}/healthz", cwd=work
+        ):
+            measure("bare Starlette, /healthz", f"http://127.0.0.1:{port}/healthz")
 
-        port = _load.free_port()
-        env = {"KARS_LOG_ACCESS": "false", "KARS_BUDGETS_STORE": "memory"}
-        router = _load.pinned(
-            _load.SERVER_CORE,
-            [
-                py,
-                "-m",
-                "router",
-                "router",
-                "--policy-dir",
-                str(_load.ROOT / "examples"),
-                "--port",
-                str(port),
-            ],
-        )
         token = subprocess.run(
-            [py, "-m", "router", "token", "issue", "--sandbox", "default/dev"],
+            [sys.executable, "-m", "router", "token", "issue", "--sandbox", "default/dev"],
             cwd=work,
             capture_output=True,
             text=True,
             check=True,
         ).stdout.strip()
-        with _load.process(router, ready_url=f"http://127.0.0.1:{port}/readyz", env=env, cwd=work):
-            url = f"http://127.0.0.1:{port}"
-            rows.append(("kars router, /healthz", _load.wrk(f"{url}/healthz", seconds=args.seconds)))
-            rows.append(
-                (
-                    "kars router, /v1/whoami (router token)",
-                    _load.wrk(f"{url}/v1/whoami", seconds=args.seconds, headers=[f"Authorization: Bearer {token}"]),
-                )
-            )
-        env["KARS_LOG_ACCESS"] = "true"
-        port = _load.free_port()
-        router = _load.pinned(
-            _load.SERVER_CORE,
-            [
-                py,
-                "-m",
-                "router",
-                "router",
-                "--policy-dir",
-                str(_load.ROOT / "examples"),
-                "--port",
-                str(port),
-            ],
-        )
-        with _load.process(router, ready_url=f"http://127.0.0.1:{port}/readyz", env=env, cwd=work):
-            # The access log (stdout) goes to /dev/null: this measures formatting and writing it.
-            rows.append(
-                (
-                    "kars router, /v1/whoami, access log on",
-                    _load.wrk(
-                        f"http://127.0.0.1:{port}/v1/whoami",
-                        seconds=args.seconds,
-                        headers=[f"Authorization: Bearer {token}"],
-                    ),
-                )
-            )
+        auth = (f"Authorization: Bearer {token}",)
+        with kars_router(work, access_log=False) as url:
+            measure("kars router, /healthz", f"{url}/healthz")
+            measure("kars router, /v1/whoami (router token)", f"{url}/v1/whoami", auth)
+        with kars_router(work, access_log=True) as url:
+            measure("kars router, /v1/whoami, access log on", f"{url}/v1/whoami", auth)
 
     base = rows[0][1].requests_per_s
     print("| what | requests/s | vs bare | p50 ms | p99 ms | non-2xx |")
