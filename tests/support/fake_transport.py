@@ -10,18 +10,14 @@ output reached the caller. The ``model`` field picks the behaviour:
 - ``over``: usage = the worst case + 1000 (an upstream that uses more than was reserved)
 - ``nousage``: a stream whose output reaches the caller but which ends without usage
 - ``fail``: an upstream failure before any output (502)
-- ``gated``: like ``exact``, but first waits (bounded) for ``FakeTransport.gate`` to be set
-
-``main`` runs the real router app with this transport mounted, as a separate process (for the
-two-router tests): ``python -m tests.support.fake_transport CONFIG``.
+- ``gated``: like ``exact``, but streamed: the response starts, then waits (bounded) for
+  ``FakeTransport.gate`` before it finishes with its usage
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import sys
-from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
@@ -53,16 +49,18 @@ class FakeTransport:
         worst = worst_case(body)
         if mode == "fail":
             raise errors.UpstreamError("upstream unreachable", code="upstream_unavailable")
-        if mode == "gated":
-            await asyncio.wait_for(self.gate.wait(), GATE_WAIT_S)
         total = {"exact": worst, "half": worst // 2, "over": worst + 1000, "gated": worst}.get(mode)
-        headers = [(b"content-type", b"text/event-stream" if mode == "nousage" else b"application/json")]
+        streamed = mode in ("nousage", "gated")
+        headers = [(b"content-type", b"text/event-stream" if streamed else b"application/json")]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         st[_asgi.UPSTREAM_OUTPUT] = True
-        if mode == "nousage":
+        if streamed:
             await send({"type": "http.response.body", "body": b'data: {"choices":[]}\n\n', "more_body": True})
+        if mode == "nousage":
             await send({"type": "http.response.body", "body": b""})  # ends without a usage chunk
             return
+        if mode == "gated":
+            await asyncio.wait_for(self.gate.wait(), GATE_WAIT_S)
         assert total is not None, mode
         usage = {"prompt_tokens": total // 2, "completion_tokens": total - total // 2, "total_tokens": total}
         st[_asgi.USAGE] = Usage.from_payload(usage)
@@ -74,20 +72,3 @@ def mount(app: Starlette, transport: FakeTransport) -> None:
     """Put the fake in front of every other route (the real transport's catch-alls included)."""
     for path in reversed(PATHS):
         app.router.routes.insert(0, Route(path, transport, methods=["POST"]))
-
-
-def main(argv: list[str]) -> int:
-    import uvicorn
-
-    from router import settings as settings_mod
-    from router.app import build_app
-
-    settings = settings_mod.load(Path(argv[0]))
-    app = build_app(settings)
-    mount(app, FakeTransport())
-    uvicorn.run(app, host=settings.server.host, port=settings.server.port, log_level="warning", lifespan="on")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
