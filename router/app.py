@@ -24,14 +24,14 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 
 from router import budget_api, errors, ops, stores
 from router.identity import devtokens, jwks, verifier
-from router.middleware import admin, body_limit, identity, observe, trust_graph
+from router.middleware import admin, body_limit, identity, jws, observe, trust_graph
 from router.middleware import errors as error_mw
 from router.middleware import token_budget as budget_mw
 from router.observability import logs
 from router.observability import metrics as metrics_mod
 from router.policy import store as store_mod
 from router.settings import Settings
-from router.transports import foundry, mesh
+from router.transports import a2a, foundry, mesh
 from router.upstream import credentials
 from router.upstream import http as upstream_http
 
@@ -51,6 +51,7 @@ class Runtime:
     ops: ops.Ops
     budget_store: stores.base.CounterStore | None = None
     mesh: mesh.MeshHub | None = None
+    a2a: a2a.A2ATransport | None = None
     foundry: foundry.FoundryTransport | None = None
     access_log: logs.AccessLog | None = None
 
@@ -113,6 +114,12 @@ def build_app(settings: Settings) -> Starlette:
         policy=policy, metrics=metrics, relay_url=settings.mesh.relay_url, pair_timeout_s=settings.mesh.pair_timeout_s
     )
     runtime.mesh = mesh_hub
+    a2a_transport = runtime.a2a = a2a.A2ATransport(
+        policy=policy,
+        connect_timeout_s=settings.a2a.upstream_connect_timeout_s,
+        read_timeout_s=settings.a2a.upstream_read_timeout_s,
+        max_card_bytes=settings.a2a.max_card_bytes,
+    )
     foundry_client, foundry_broker = None, None
     if settings.foundry.endpoint:
         timeouts = upstream_http.Timeouts(
@@ -134,6 +141,7 @@ def build_app(settings: Settings) -> Starlette:
         Route("/v1/whoami", operations.whoami, methods=["GET"]),
         Route("/v1/budgets", budget_routes.budgets, methods=["GET"]),
         WebSocketRoute("/mesh/{ns}/{name}", mesh_hub),
+        *a2a_transport.routes(),
     ]
     route_names: dict[Callable[..., Any], str] = {}
 
@@ -153,6 +161,7 @@ def build_app(settings: Settings) -> Starlette:
             await budget_store.open()
             stack.push_async_callback(budget_store.close)
             stack.push_async_callback(mesh_hub.aclose)
+            stack.push_async_callback(a2a_transport.aclose)
             if foundry_client is not None and foundry_broker is not None:
                 await foundry_client.start()
                 stack.push_async_callback(foundry_client.aclose)
@@ -189,6 +198,14 @@ def build_app(settings: Settings) -> Starlette:
             sidecar_sandbox=settings.server.sandbox,
             trusted_proxies=settings.identity.trusted_proxies,
             metrics=metrics,
+            policy=policy,
+        ),
+        Middleware(
+            jws.JwsMiddleware,
+            policy=policy,
+            metrics=metrics,
+            jku_allowed_hosts=settings.a2a.jku_allowed_hosts,
+            max_card_bytes=settings.a2a.max_card_bytes,
         ),
         Middleware(trust_graph.TrustGraphMiddleware, policy=policy, metrics=metrics),
         Middleware(budget_mw.TokenBudgetMiddleware, store=budget_store, policy=policy, metrics=metrics),

@@ -152,6 +152,15 @@ class MeshSettings(_Section):
     pair_timeout_s: float = Field(default=30, gt=0)
 
 
+class A2ASettings(_Section):
+    """A2A proxy (SPEC.md §5). A signed card's ``jku`` is accepted only as https on one of these hosts."""
+
+    jku_allowed_hosts: list[str] = Field(default_factory=list)
+    upstream_connect_timeout_s: float = Field(default=5, gt=0)
+    upstream_read_timeout_s: float = Field(default=300, gt=0)  # for headers, then between two chunks
+    max_card_bytes: int = Field(default=1024 * 1024, ge=1024)  # a bigger agent card is refused (502)
+
+
 class LimitSettings(_Section):
     max_body_bytes: int = Field(default=MAX_BODY_BYTES, ge=1)
 
@@ -170,6 +179,7 @@ class Settings(_Section):
     identity: IdentitySettings = Field(default_factory=IdentitySettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
     mesh: MeshSettings = Field(default_factory=MeshSettings)
+    a2a: A2ASettings = Field(default_factory=A2ASettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     log: LogSettings = Field(default_factory=LogSettings)
 

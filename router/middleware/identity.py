@@ -6,6 +6,10 @@ router's own key or the cluster's JWKS; ``X-A2A-Agent-Subject`` from a trusted p
 subject header is removed from every request, so no later layer and no upstream sees a forged
 one. A JWT that fails verification is a 401, never a fall-through to a weaker source. Bearer
 values that are not JWTs (the API key an OpenAI client sends) are not credentials of ours.
+
+A signed A2A request (SPEC.md §5) is a JWT whose ``iss`` names an A2AAgent of the policy in force:
+this layer does not verify it, it leaves the principal unset and hands the token on under
+``SIGNED_REQUEST``; the JWS layer next in line must then verify it or answer 401.
 """
 
 from __future__ import annotations
@@ -13,16 +17,19 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 
+import jwt
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from router import _asgi, errors
 from router.identity import verifier as verifier_mod
 from router.identity.principal import Principal
 from router.observability import metrics as metrics_mod
+from router.policy import store as store_mod
 
 SUBJECT_HEADER = b"x-a2a-agent-subject"
 EXEMPT_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 MAX_SUBJECT_CHARS = 512
+SIGNED_REQUEST = "kars.signed_request"  # the bearer of a signed A2A request, for the JWS layer to verify
 
 
 class IdentityMiddleware:
@@ -34,8 +41,10 @@ class IdentityMiddleware:
         sidecar_sandbox: str | None,
         trusted_proxies: Iterable[str],
         metrics: metrics_mod.Metrics,
+        policy: store_mod.PolicyStore | None = None,
     ) -> None:
         self.app = app
+        self._policy = policy
         self._verifier = verifier
         self._sidecar = Principal("sandbox", sidecar_sandbox, "sidecar") if sidecar_sandbox else None
         self._proxies = tuple(ipaddress.ip_network(c, strict=False) for c in trusted_proxies)
@@ -48,10 +57,12 @@ class IdentityMiddleware:
         st = _asgi.state(scope)
         if _asgi.PRINCIPAL not in st:  # the admin gate may have decided already
             try:
-                st[_asgi.PRINCIPAL] = await self._identify(scope, subject)
+                principal = await self._identify(scope, subject)
             except errors.KarsError as exc:
                 self._metrics.identity_rejections.labels(exc.code).inc()
                 raise
+            if principal is not None:
+                st[_asgi.PRINCIPAL] = principal
         await self.app(scope, receive, send)
 
     def _take_subject(self, scope: Scope) -> bytes | None:
@@ -66,11 +77,14 @@ class IdentityMiddleware:
             return None
         return value
 
-    async def _identify(self, scope: Scope, subject: bytes | None) -> Principal:
+    async def _identify(self, scope: Scope, subject: bytes | None) -> Principal | None:
         if self._sidecar is not None and _asgi.is_loopback(scope):
             return self._sidecar
         token = _bearer(scope)
         if token is not None:
+            if self._policy is not None and _names_an_agent(token, self._policy):
+                _asgi.state(scope)[SIGNED_REQUEST] = token
+                return None
             return await self._verifier.verify(token)
         if subject is not None:
             text = subject.decode("latin-1").strip()
@@ -96,3 +110,15 @@ def _bearer(scope: Scope) -> str | None:
         if verifier_mod.looks_like_jwt(value):
             return value
     return None
+
+
+def _names_an_agent(token: str, policy: store_mod.PolicyStore) -> bool:
+    """Whether the (unverified) ``iss`` of ``token`` is an A2AAgent ``ns/name`` in the policy in force."""
+    try:
+        iss = jwt.decode(token, options={"verify_signature": False}).get("iss")
+    except jwt.PyJWTError:
+        return False
+    if not isinstance(iss, str) or iss.count("/") != 1:
+        return False
+    namespace, _, name = iss.partition("/")
+    return policy.snapshot.a2a_agent(namespace, name) is not None

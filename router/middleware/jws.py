@@ -1,0 +1,163 @@
+"""JWS layer (SPEC.md §5): signed A2A requests in, signed Agent Cards out. Opt-in per A2AAgent.
+
+In: the identity layer hands over a bearer whose ``iss`` names an A2AAgent (``SIGNED_REQUEST``);
+it is verified here (``router.identity.jws``) against the raw body, with the URL of the route
+called as its audience, or the request is refused with 401 and the reason logged. Never a
+fallback. An agent whose A2AAgent sets ``trust.requireSignedRequests`` is not accepted any other
+way (a trusted proxy's ``X-A2A-Agent-Subject`` naming it is a 401).
+
+Out: for an A2AAgent with ``signingKeys``, its card (``/a2a/{agent}/.well-known/agent-card.json``
+or ``agent.json``) is held back (at most ``a2a.maxCardBytes``), verified, and only then sent on
+unchanged, byte for byte; a card that does not verify is never served (502 ``upstream_error``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from router import _asgi, _body, errors
+from router.identity import jws as jws_mod
+from router.middleware import identity
+from router.observability import metrics as metrics_mod
+from router.policy import model
+from router.policy import store as store_mod
+
+log = logging.getLogger("kars.jws")
+
+CARD_SUFFIXES = ("/.well-known/agent-card.json", "/.well-known/agent.json")
+A2A_PREFIX = "/a2a/"
+
+
+def audience_of(scope: Scope) -> str:
+    """The URL of the route called on this router, as the caller addressed it (``aud`` of §5)."""
+    host = _asgi.header(scope, b"host")
+    if host is not None:
+        authority = host.decode("latin-1")
+    else:
+        server = scope.get("server") or ("localhost", None)
+        authority = f"{server[0]}:{server[1]}" if server[1] else str(server[0])
+    scheme = {"ws": "http", "wss": "https"}.get(scope.get("scheme", "http"), scope.get("scheme", "http"))
+    return f"{scheme}://{authority}{scope.get('root_path', '')}{scope['path']}"
+
+
+def card_agent(path: str) -> str | None:
+    """``{agent}`` when ``path`` is one of the agent card routes."""
+    if not path.startswith(A2A_PREFIX):
+        return None
+    for suffix in CARD_SUFFIXES:
+        if path.endswith(suffix):
+            agent = path[len(A2A_PREFIX) : -len(suffix)]
+            return agent if agent and "/" not in agent else None
+    return None
+
+
+class JwsMiddleware:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        policy: store_mod.PolicyStore,
+        metrics: metrics_mod.Metrics,
+        jku_allowed_hosts: list[str],
+        max_card_bytes: int,
+    ) -> None:
+        self.app = app
+        self._policy = policy
+        self._metrics = metrics
+        self._jku_hosts = frozenset(h.lower() for h in jku_allowed_hosts)
+        self._max_card_bytes = max_card_bytes
+        self._replay = jws_mod.ReplayCache()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        st = _asgi.state(scope)
+        token = st.pop(identity.SIGNED_REQUEST, None)
+        if token is not None:
+            receive = await self._verify_request(scope, receive, token)
+        else:
+            self._refuse_unsigned_agent(scope)
+        if scope["type"] == "http" and scope.get("method") == "GET":
+            agent = self._signed_card_agent(scope)
+            if agent is not None:
+                return await self._serve_verified_card(scope, receive, send, agent)
+        await self.app(scope, receive, send)
+
+    # -- signed requests --------------------------------------------------------------------
+
+    async def _verify_request(self, scope: Scope, receive: Receive, token: str) -> Receive:
+        body = await _body.read(scope, receive) if scope["type"] == "http" else b""
+        try:
+            principal = jws_mod.verify_request(
+                token,
+                body=body,
+                audience=audience_of(scope),
+                snapshot=self._policy.snapshot,
+                replay=self._replay,
+                jku_hosts=self._jku_hosts,
+            )
+        except jws_mod.JwsError as exc:
+            self._metrics.signed_request_rejections.labels(exc.reason).inc()
+            log.warning("signed request refused on %s: %s (%s)", scope["path"], exc.reason, exc.message)
+            if exc.reason == "replay_cache_full":
+                raise errors.TooManyRequests(exc.message, headers={"Retry-After": "5"}) from None
+            raise errors.Unauthenticated(f"signed request rejected: {exc.message}") from None
+        _asgi.state(scope)[_asgi.PRINCIPAL] = principal
+        return _body.replay(scope, receive) if scope["type"] == "http" else receive
+
+    def _refuse_unsigned_agent(self, scope: Scope) -> None:
+        principal = _asgi.state(scope).get(_asgi.PRINCIPAL)
+        if principal is None or principal.kind != "agent" or principal.mode == "signed-request":
+            return
+        agent = self._policy.snapshot.a2a_agent(principal.namespace, principal.name)
+        if agent is not None and agent.spec.trust.require_signed_requests:
+            self._metrics.signed_request_rejections.labels("unsigned").inc()
+            log.warning("unsigned request from %s refused: its A2AAgent requires signed requests", principal.id)
+            raise errors.Unauthenticated(f"{principal.id} must send signed requests")
+
+    # -- signed agent cards -----------------------------------------------------------------
+
+    def _signed_card_agent(self, scope: Scope) -> model.A2AAgent | None:
+        name = card_agent(scope["path"])
+        principal = _asgi.state(scope).get(_asgi.PRINCIPAL)
+        if name is None or principal is None:
+            return None
+        agent = self._policy.snapshot.a2a_agent(principal.namespace, name)
+        return agent if agent is not None and agent.spec.signing_keys else None
+
+    async def _serve_verified_card(self, scope: Scope, receive: Receive, send: Send, agent: model.A2AAgent) -> None:
+        held: list[Message] = []
+        size = 0
+
+        async def holding_send(message: Message) -> None:
+            nonlocal size
+            if message["type"] == "http.response.body":
+                size += len(message.get("body", b""))
+                if size > self._max_card_bytes:
+                    raise errors.UpstreamError(f"agent card larger than {self._max_card_bytes} bytes")
+            held.append(message)
+
+        await self.app(scope, receive, holding_send)
+        start = next((m for m in held if m["type"] == "http.response.start"), None)
+        if start is not None and start["status"] == 200:
+            raw = b"".join(m.get("body", b"") for m in held if m["type"] == "http.response.body")
+            try:
+                kid = jws_mod.verify_card(
+                    raw,
+                    jws_mod.trusted_keys(agent),
+                    now=dt.datetime.now(dt.UTC),
+                    jku_hosts=self._jku_hosts,
+                )
+            except jws_mod.JwsError as exc:
+                self._metrics.a2a_card_verifications.labels("failed").inc()
+                log.warning(
+                    "agent card of %s/%s refused: %s (%s)", agent.namespace, agent.name, exc.reason, exc.message
+                )
+                raise errors.UpstreamError(f"the agent card does not verify: {exc.reason}") from None
+            self._metrics.a2a_card_verifications.labels("ok").inc()
+            log.debug("agent card of %s/%s verified with kid %s", agent.namespace, agent.name, kid)
+        for message in held:
+            await send(message)

@@ -1,0 +1,369 @@
+"""Signed Agent Cards and signed A2A requests with real EdDSA and ES256 keys (SPEC.md §5).
+
+Every forgery is refused (a card: 502 ``upstream_error``; a request: 401) and the reason is logged.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+from a2a.client import ClientConfig, create_client
+from a2a.types import Message, Part, Role, SendMessageRequest
+from a2a.utils.signing import create_agent_card_signer
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from google.protobuf.json_format import MessageToDict
+
+from router.identity import devtokens
+from router.identity import jws as jws_mod
+from tests.router.test_a2a import a2a_agent_yaml
+from tests.support import a2a_agent, servers, tokens, trustgraphs
+
+WAIT_S = 10.0
+
+
+def b64u(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+@dataclasses.dataclass
+class Keys:
+    ed: ed25519.Ed25519PrivateKey = dataclasses.field(default_factory=ed25519.Ed25519PrivateKey.generate)
+    es: ec.EllipticCurvePrivateKey = dataclasses.field(default_factory=lambda: ec.generate_private_key(ec.SECP256R1()))
+
+    @property
+    def ed_raw(self) -> bytes:
+        return self.ed.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+    def signing_keys_yaml(self, not_after: str | None = None) -> str:
+        es_point = self.es.public_key().public_bytes(
+            serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+        )
+        extra = f", notAfter: '{not_after}'" if not_after else ""
+        return (
+            "signingKeys:\n"
+            f"  - {{kid: ed-1, alg: EdDSA, publicKeyB64u: {b64u(self.ed_raw)}{extra}}}\n"
+            f"  - {{kid: es-1, alg: ES256, publicKeyB64u: {b64u(es_point)}}}\n"
+        )
+
+
+@dataclasses.dataclass
+class Env:
+    router: Any
+    agent: a2a_agent.Agent
+    keys: Keys
+
+    @property
+    def base(self) -> str:
+        return f"{self.router.url}/a2a/echo"
+
+    def card_url(self) -> str:
+        return self.base + "/.well-known/agent-card.json"
+
+    def sandbox_auth(self) -> dict[str, str]:
+        tok = devtokens.issue(self.router.app.state.kars.dev_key, "remote/sandbox", audience="kars-router")
+        return {"Authorization": f"Bearer {tok}"}
+
+    def card_dict(self) -> dict[str, Any]:
+        return dict(MessageToDict(a2a_agent.make_card(self.base)))
+
+
+@pytest.fixture
+def keys() -> Keys:
+    return Keys()
+
+
+@pytest.fixture
+def env(router_server: Callable[..., Any], policy_dir: Path, keys: Keys) -> Iterator[Env]:
+    agent = a2a_agent.build(a2a_agent.make_card("http://placeholder"))
+    with servers.serve(agent.app) as agent_srv:
+        docs = [
+            a2a_agent_yaml("echo", agent_srv.url + "/", "remote", keys.signing_keys_yaml()),
+            a2a_agent_yaml(
+                "caller",
+                "http://127.0.0.1:9/",
+                "remote",
+                keys.signing_keys_yaml() + "trust: {requireSignedRequests: true, maxClockSkewSeconds: 30}\n",
+            ),
+        ]
+        (policy_dir / "agents.yaml").write_text("---\n".join(docs))
+        graph = trustgraphs.Graph().edge("remote/caller", "remote/echo").edge("remote/sandbox", "remote/echo")
+        graph.write(policy_dir)
+        router = router_server(a2a={"jkuAllowedHosts": ["keys.example"]}, identity={"trustedProxies": ["127.0.0.1/32"]})
+        yield Env(router, agent, keys)
+        agent.executor.gate.set()
+
+
+@pytest.fixture
+def reasons(caplog: pytest.LogCaptureFixture) -> Generator[Callable[[], list[str]]]:
+    caplog.set_level(logging.WARNING, logger="kars.jws")
+
+    def logged() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "kars.jws"]
+
+    yield logged
+
+
+def serve_card(env: Env, card: dict[str, Any]) -> bytes:
+    body = json.dumps(card, indent=2, ensure_ascii=False).encode()
+    env.agent.card_body[0] = body
+    return body
+
+
+# -- signed agent cards -----------------------------------------------------------------------
+
+
+def test_eddsa_card_signed_per_spec_is_served_byte_for_byte(env: Env) -> None:
+    card = env.card_dict()
+    card["documentationUrl"] = ""  # an empty value the spec's canonical form keeps
+    body = serve_card(env, a2a_agent.sign_card_dict(card, env.keys.ed, alg="EdDSA", kid="ed-1"))
+    resp = httpx.get(env.card_url(), headers=env.sandbox_auth(), timeout=WAIT_S)
+    assert resp.status_code == 200, resp.text
+    assert resp.content == body
+
+
+def test_es256_card_signed_by_a2a_sdk_is_accepted(env: Env) -> None:
+    signer = create_agent_card_signer(
+        signing_key=env.keys.es,  # type: ignore[arg-type]
+        protected_header={"alg": "ES256", "kid": "es-1", "typ": "JOSE"},  # type: ignore[typeddict-item]
+    )
+    signed = dict(MessageToDict(signer(a2a_agent.make_card(env.base))))
+    signed["iconUrl"] = ""  # a2a-sdk's canonical form drops it: the second form must match
+    raw_signature = jws_mod.b64u_decode(signed["signatures"][0]["signature"])
+    assert len(raw_signature) == 64  # ES256 as raw R||S
+    body = serve_card(env, signed)
+    resp = httpx.get(env.card_url(), headers=env.sandbox_auth(), timeout=WAIT_S)
+    assert resp.status_code == 200, resp.text
+    assert resp.content == body
+
+
+def forged_signature(header: dict[str, Any], signature: bytes = b"") -> dict[str, str]:
+    return {"protected": b64u(json.dumps(header).encode()), "signature": b64u(signature)}
+
+
+def card_forgeries(env: Env) -> dict[str, tuple[dict[str, Any], str]]:
+    card = env.card_dict()
+    ed, keys = env.keys.ed, env.keys
+    tampered = a2a_agent.sign_card_dict(card, ed, alg="EdDSA", kid="ed-1")
+    tampered["description"] = "something else"
+    past = int(time.time()) - 10
+    hs_secret = keys.ed_raw
+    hs_card = dict(card)
+    hs_header = {"alg": "HS256", "kid": "ed-1"}
+    payload = jws_mod.rfc8785.dumps(card)
+    hs_token = jwt.api_jws.encode(payload, hs_secret, algorithm="HS256", headers=hs_header)
+    head, _, sig = hs_token.split(".")
+    hs_card["signatures"] = [{"protected": head, "signature": sig}]
+    return {
+        "tampered payload": (tampered, "bad_signature"),
+        "wrong kid": (a2a_agent.sign_card_dict(card, ed, alg="EdDSA", kid="ed-2"), "unknown_kid"),
+        "alg none": ({**card, "signatures": [forged_signature({"alg": "none", "kid": "ed-1"})]}, "alg_not_allowed"),
+        "HS256": (hs_card, "alg_not_allowed"),
+        "expired": (
+            a2a_agent.sign_card_dict(card, ed, alg="EdDSA", kid="ed-1", header={"validUntil": past}),
+            "expired",
+        ),
+        "not yet valid": (
+            a2a_agent.sign_card_dict(card, ed, alg="EdDSA", kid="ed-1", header={"validFrom": "2999-01-01T00:00:00Z"}),
+            "not_yet_valid",
+        ),
+        "jku elsewhere": (
+            a2a_agent.sign_card_dict(card, ed, alg="EdDSA", kid="ed-1", header={"jku": "https://evil.example/k"}),
+            "jku_not_allowed",
+        ),
+        "jku over http": (
+            a2a_agent.sign_card_dict(card, ed, alg="EdDSA", kid="ed-1", header={"jku": "http://keys.example/k"}),
+            "jku_not_allowed",
+        ),
+        "alg of another key": (a2a_agent.sign_card_dict(card, keys.es, alg="ES256", kid="ed-1"), "alg_mismatch"),
+        "unsigned": (card, "unsigned"),
+    }
+
+
+def test_forged_cards_are_never_served(env: Env, reasons: Callable[[], list[str]]) -> None:
+    for name, (card, reason) in card_forgeries(env).items():
+        serve_card(env, card)
+        resp = httpx.get(env.card_url(), headers=env.sandbox_auth(), timeout=WAIT_S)
+        assert resp.status_code == 502, (name, resp.text)
+        assert resp.json()["error"]["code"] == "upstream_error", name
+        assert reason in resp.json()["error"]["message"], name
+        assert any(reason in line for line in reasons()), (name, reasons())
+        assert env.agent.card_body[0] not in resp.content
+
+
+def test_jku_on_an_allowlisted_host_is_accepted(env: Env) -> None:
+    header = {"jku": "https://keys.example/jwks.json"}
+    signed = a2a_agent.sign_card_dict(env.card_dict(), env.keys.ed, alg="EdDSA", kid="ed-1", header=header)
+    body = serve_card(env, signed)
+    resp = httpx.get(env.card_url(), headers=env.sandbox_auth(), timeout=WAIT_S)
+    assert resp.status_code == 200 and resp.content == body
+
+
+def test_one_good_signature_among_bad_ones_is_enough() -> None:
+    keys = Keys()
+    agent_keys = {
+        "ed-1": jws_mod.TrustedKey("ed-1", "EdDSA", keys.ed.public_key(), None),
+    }
+    card = {"name": "x", "skills": []}
+    signed = a2a_agent.sign_card_dict(card, Keys().ed, alg="EdDSA", kid="ed-1")  # someone else's key
+    signed = a2a_agent.sign_card_dict(signed, keys.ed, alg="EdDSA", kid="ed-1")
+    assert jws_mod.verify_card(json.dumps(signed).encode(), agent_keys, now=dt.datetime.now(dt.UTC)) == "ed-1"
+    expired = dict(agent_keys)
+    expired["ed-1"] = dataclasses.replace(agent_keys["ed-1"], not_after=dt.datetime.now(dt.UTC))
+    with pytest.raises(jws_mod.JwsError) as info:
+        jws_mod.verify_card(json.dumps(signed).encode(), expired, now=dt.datetime.now(dt.UTC))
+    assert info.value.reason == "key_expired"
+
+
+# -- signed requests --------------------------------------------------------------------------
+
+
+class SignedRequests(httpx.Auth):
+    """What a remote agent does: sign every request for the URL it calls, over the body it sends."""
+
+    requires_request_body = True
+
+    def __init__(self, key: Any, alg: str, kid: str, iss: str = "remote/caller") -> None:
+        self.key, self.alg, self.kid, self.iss = key, alg, kid, iss
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response]:
+        url = str(request.url.copy_with(query=None))
+        token = sign(self.key, self.alg, self.kid, body=request.content, aud=url, iss=self.iss)
+        request.headers["Authorization"] = f"Bearer {token}"
+        yield request
+
+
+def claims(*, body: bytes, aud: str, iss: str = "remote/caller", **over: Any) -> dict[str, Any]:
+    now = int(time.time())
+    base = {
+        "iss": iss,
+        "aud": aud,
+        "iat": now,
+        "exp": now + 120,
+        "jti": uuid.uuid4().hex,
+        "body_sha256": b64u(hashlib.sha256(body).digest()),
+    }
+    base.update(over)
+    return base
+
+
+def sign(
+    key: Any, alg: str, kid: str, *, body: bytes, aud: str, header: dict[str, Any] | None = None, **over: Any
+) -> str:
+    return jwt.encode(claims(body=body, aud=aud, **over), key, algorithm=alg, headers={"kid": kid, **(header or {})})
+
+
+@pytest.fixture
+async def signed_client(env: Env) -> AsyncIterator[Callable[[Any, str, str], httpx.AsyncClient]]:
+    made: list[httpx.AsyncClient] = []
+
+    def make(key: Any, alg: str, kid: str) -> httpx.AsyncClient:
+        client = httpx.AsyncClient(auth=SignedRequests(key, alg, kid), timeout=WAIT_S)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("alg", ["EdDSA", "ES256"])
+async def test_signed_requests_from_the_a2a_sdk_client_are_accepted(
+    env: Env, signed_client: Callable[..., httpx.AsyncClient], alg: str
+) -> None:
+    key, kid = (env.keys.ed, "ed-1") if alg == "EdDSA" else (env.keys.es, "es-1")
+    http = signed_client(key, alg, kid)
+    serve_card(env, a2a_agent.sign_card_dict(env.card_dict(), env.keys.ed, alg="EdDSA", kid="ed-1"))
+    client = await create_client(env.base, client_config=ClientConfig(httpx_client=http, streaming=False))
+    request = SendMessageRequest(message=Message(role=Role.ROLE_USER, parts=[Part(text="hi")], message_id="m1"))
+    events = [e async for e in client.send_message(request)]
+    assert [e.message.parts[0].text for e in events] == ["echo: hi"]
+    whoami = await http.get(f"{env.router.url}/v1/whoami")
+    assert whoami.json() == {"principal": "remote/caller", "kind": "agent", "mode": "signed-request"}
+
+
+BODY = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tasks/get", "params": {"id": "t"}}).encode()
+
+
+def post(env: Env, token: str, body: bytes = BODY, **headers: str) -> httpx.Response:
+    return httpx.post(
+        env.base,
+        content=body,
+        headers={"Authorization": f"Bearer {token}", "content-type": "application/json", **headers},
+        timeout=WAIT_S,
+    )
+
+
+def test_request_forgeries_are_401_with_the_reason_logged(env: Env, reasons: Callable[[], list[str]]) -> None:
+    ed, aud = env.keys.ed, env.base
+    good = sign(ed, "EdDSA", "ed-1", body=BODY, aud=aud)
+    head, payload, signature = good.split(".")
+    altered = json.loads(jws_mod.b64u_decode(payload))
+    altered["jti"] = "another"
+    now = int(time.time())
+    forgeries = {
+        "tampered payload": (f"{head}.{b64u(json.dumps(altered).encode())}.{signature}", BODY, "bad_signature"),
+        "wrong kid": (sign(ed, "EdDSA", "ed-9", body=BODY, aud=aud), BODY, "unknown_kid"),
+        "alg none": (tokens.unsigned({"kid": "ed-1"}, claims(body=BODY, aud=aud)), BODY, "alg_not_allowed"),
+        "HS256": (tokens.hs256({"kid": "ed-1"}, claims(body=BODY, aud=aud), env.keys.ed_raw), BODY, "alg_not_allowed"),
+        "expired": (sign(ed, "EdDSA", "ed-1", body=BODY, aud=aud, iat=now - 200, exp=now - 100), BODY, "expired"),
+        "body swapped": (sign(ed, "EdDSA", "ed-1", body=BODY, aud=aud), BODY.replace(b'"t"', b'"u"'), "body_mismatch"),
+        "other route": (sign(ed, "EdDSA", "ed-1", body=BODY, aud=aud + "x"), BODY, "wrong_audience"),
+        "too long lived": (sign(ed, "EdDSA", "ed-1", body=BODY, aud=aud, exp=now + 301), BODY, "lifetime_too_long"),
+        "from the future": (sign(ed, "EdDSA", "ed-1", body=BODY, aud=aud, iat=now + 120), BODY, "not_yet_valid"),
+        "no jti": (sign(ed, "EdDSA", "ed-1", body=BODY, aud=aud, jti=None), BODY, "invalid_claims"),
+        "jku elsewhere": (
+            sign(ed, "EdDSA", "ed-1", body=BODY, aud=aud, header={"jku": "https://evil.example/k"}),
+            BODY,
+            "jku_not_allowed",
+        ),
+    }
+    for name, (token, body, reason) in forgeries.items():
+        resp = post(env, token, body)
+        assert resp.status_code == 401, (name, resp.text)
+        assert resp.json()["error"]["code"] == "invalid_credentials", name
+        assert any(reason in line for line in reasons()), (name, reason, reasons())
+    # The untouched token still works once (nothing above consumed it) ...
+    assert post(env, good).status_code == 200
+    # ... and never twice.
+    replay = post(env, good)
+    assert replay.status_code == 401 and any("replayed" in line for line in reasons())
+
+
+def test_agent_requiring_signed_requests_is_refused_via_a_trusted_proxy(env: Env) -> None:
+    resp = httpx.post(env.base, content=BODY, headers={"X-A2A-Agent-Subject": "remote/caller"}, timeout=WAIT_S)
+    assert resp.status_code == 401 and "signed requests" in resp.json()["error"]["message"]
+
+
+def test_signed_request_still_needs_a_trust_edge(env: Env, policy_dir: Path) -> None:
+    trustgraphs.Graph().edge("remote/sandbox", "remote/echo").write(policy_dir)
+    store = env.router.app.state.kars.policy
+    env.router.call(store.reload())
+    resp = post(env, sign(env.keys.ed, "EdDSA", "ed-1", body=BODY, aud=env.base))
+    assert resp.status_code == 403 and resp.json()["error"]["code"] == "trust_edge_missing"
+
+
+def test_replay_cache_is_bounded_and_forgets_expired_entries() -> None:
+    cache = jws_mod.ReplayCache(max_entries=2)
+    cache.add(("a", "1"), forget_at=10, now=0)
+    cache.add(("a", "2"), forget_at=20, now=0)
+    with pytest.raises(jws_mod.JwsError) as info:
+        cache.add(("a", "3"), forget_at=30, now=5)
+    assert info.value.reason == "replay_cache_full"
+    cache.add(("a", "3"), forget_at=30, now=11)  # ("a", "1") has expired: room again
+    assert len(cache) == 2
+    with pytest.raises(jws_mod.JwsError):
+        cache.add(("a", "2"), forget_at=40, now=12)
