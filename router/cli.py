@@ -133,6 +133,12 @@ def parser() -> argparse.ArgumentParser:
     pv.add_argument("dir", type=Path)
     pv.add_argument("--config", type=Path, help="settings YAML (for the cluster safety floor)")
     pv.set_defaults(func=cmd_policy_validate)
+
+    from controller import cli as controller_cli
+
+    c = sub.add_parser("controller", help="run the controller: KarsSandbox pods, policy projection")
+    controller_cli.add_arguments(c)
+    c.set_defaults(func=controller_cli.main)
     return p
 
 

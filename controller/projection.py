@@ -1,0 +1,135 @@
+"""Compile policy CRs into the router's projection, and judge readiness from the router's report.
+
+The projection is one JSON file per kind (a Kubernetes ``List``, which the router's loader
+reads as its items), holding each resource in ``digest.canonical`` form, so the digest the
+controller expects is exactly the one the router reports (SPEC.md §3).
+
+A CR that fails validation is projected *as written* rather than dropped: the router then
+keeps the last good version of it and reports its ``lastError``; dropping it would delete
+the policy in force (a deny rule vanishing is a fail-open). Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from router.policy import digest, load, model
+
+Key = tuple[str, str, str]  # (kind, namespace or "", name), as the router keys resources
+Body = Mapping[str, Any]
+
+PLURALS: dict[str, str] = {
+    "InferencePolicy": "inferencepolicies",
+    "ToolPolicy": "toolpolicies",
+    "McpServer": "mcpservers",
+    "A2AAgent": "a2aagents",
+    "TrustGraph": "trustgraphs",
+    "KarsSandbox": "karssandboxes",
+}
+DIGEST_ANNOTATION = "kars.azure.com/digest"
+
+
+def key_of(body: Body) -> Key:
+    meta = body.get("metadata", {})
+    kind = str(body.get("kind", ""))
+    cls = model.KINDS.get(kind)
+    namespace = "" if cls is not None and cls.cluster_scoped else str(meta.get("namespace") or "default")
+    return (kind, namespace, str(meta.get("name", "")))
+
+
+def file_name(kind: str) -> str:
+    return f"{PLURALS[kind]}.json"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Compiled:
+    files: dict[str, str]  # ConfigMap data: file name -> JSON text
+    digests: dict[Key, str]  # valid resources -> the digest the router must report
+    errors: dict[Key, str]  # invalid resources -> why
+    digest: str  # of the whole projection (a ConfigMap annotation)
+
+
+def as_written(body: Body) -> dict[str, Any]:
+    """The fields the router reads, without the server-owned metadata (uid, managedFields...)."""
+    meta = body.get("metadata", {})
+    kept: dict[str, Any] = {"name": meta.get("name")}
+    if meta.get("namespace"):
+        kept["namespace"] = meta["namespace"]
+    if meta.get("labels"):
+        kept["labels"] = dict(meta["labels"])
+    return {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": kept, "spec": body.get("spec")}
+
+
+def compile_resources(bodies: Iterable[Body]) -> Compiled:
+    items: dict[str, list[tuple[Key, dict[str, Any]]]] = {kind: [] for kind in PLURALS}
+    digests: dict[Key, str] = {}
+    errors: dict[Key, str] = {}
+    for body in bodies:
+        key = key_of(body)
+        if key[0] not in PLURALS:
+            continue
+        written = as_written(body)
+        parsed = load.parse_document(written, load.Source("/".join(k for k in key if k), 1))
+        if isinstance(parsed, load.DocError):
+            errors[key] = parsed.summary()
+            items[key[0]].append((key, written))
+            continue
+        digests[key] = digest.of_resource(parsed.resource)
+        items[key[0]].append((key, digest.canonical(parsed.resource)))
+    files: dict[str, str] = {}
+    for kind, entries in items.items():
+        entries.sort(key=lambda e: e[0])
+        kind_digest = digest.of_digests(digests[k] for k, _ in entries if k in digests)
+        doc = {
+            "apiVersion": "v1",
+            "kind": "List",
+            "metadata": {"annotations": {DIGEST_ANNOTATION: kind_digest}},
+            "items": [item for _, item in entries],
+        }
+        files[file_name(kind)] = json.dumps(doc, sort_keys=True, separators=(",", ":"))
+    total = digest.of_digests([*digests.values(), *(f"invalid:{'/'.join(k)}" for k in errors)])
+    return Compiled(files=files, digests=digests, errors=errors, digest=total)
+
+
+def policy_digest(refs: Iterable[model.PolicyRef], namespace: str, compiled: Compiled) -> str | None:
+    """Digest of the policies a sandbox references (by ``policyRefs``), ``None`` when it has none."""
+    found = []
+    for ref in refs:
+        key = (ref.kind, namespace, ref.name)
+        found.append(compiled.digests.get(key, f"missing:{'/'.join(key)}"))
+    return digest.of_digests(found) if found else None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Readiness:
+    status: str  # "True" | "False"
+    reason: str
+    message: str
+    digest: str | None
+
+
+def readiness(compiled: Compiled, router_status: Mapping[str, Any], keys: Iterable[Key]) -> dict[Key, Readiness]:
+    """``Ready`` of each policy CR: True only when the router reports the digest we projected."""
+    entries: dict[Key, Mapping[str, Any]] = {}
+    for entry in router_status.get("entries", []) or []:
+        k = (str(entry.get("kind")), str(entry.get("namespace") or ""), str(entry.get("name")))
+        entries[k] = entry
+    out: dict[Key, Readiness] = {}
+    for key in keys:
+        if key in compiled.errors:
+            out[key] = Readiness("False", "Invalid", compiled.errors[key], None)
+            continue
+        want = compiled.digests.get(key)
+        if want is None:
+            continue
+        entry = entries.get(key)
+        if entry is not None and entry.get("lastError"):
+            out[key] = Readiness("False", "RouterRejected", str(entry["lastError"]), want)
+        elif entry is not None and entry.get("digest") == want:
+            out[key] = Readiness("True", "Loaded", f"the router loaded {want}", want)
+        else:
+            out[key] = Readiness("False", "Pending", f"waiting for the router to load {want}", want)
+    return out

@@ -1,0 +1,264 @@
+"""What the controller does, behind the thin kopf handlers of ``controller.operator``.
+
+``Controller`` keeps an index of the CRs it has seen (fed by watch events), writes the
+projection ConfigMap when the compiled projection changes (debounced, so 300 CRs created
+at once give a handful of writes, not 300), reconciles each KarsSandbox into its
+ServiceAccount, Service and Pod, and keeps every CR's status current: policy CRs get
+``Ready`` from the router's report, sandboxes get phase and conditions from their Pod.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import kopf
+
+from controller import builders, conditions, config, kube, projection, routerstatus
+from router.policy import load, model
+
+log = logging.getLogger("kars.controller")
+
+STATUS_PATCH_CONCURRENCY = 16
+CONFLICT_RETRY_S = 2.0
+
+Body = dict[str, Any]
+Key = projection.Key
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _generation(body: Mapping[str, Any]) -> int | None:
+    gen = body.get("metadata", {}).get("generation")
+    return gen if isinstance(gen, int) else None
+
+
+class Controller:
+    def __init__(
+        self,
+        settings: config.ControllerSettings,
+        api: kube.Kube,
+        router: routerstatus.RouterStatusClient | None,
+        *,
+        clock: Callable[[], dt.datetime] = _utcnow,
+    ) -> None:
+        self.settings = settings
+        self.kube = api
+        self.router = router
+        self.clock = clock
+        self.index: dict[Key, Body] = {}
+        self.compiled = projection.compile_resources(())
+        self.router_status: dict[str, Any] | None = None
+        self._written: dict[Key, tuple[str, ...]] = {}  # last status we patched, per CR
+        self._dirty = asyncio.Event()
+        self._invalid_reported: dict[Key, str] = {}
+        self.projection_writes = 0
+
+    # -- the index ----------------------------------------------------------------------------
+
+    def observe(self, event_type: str | None, body: Mapping[str, Any]) -> bool:
+        """Record a watch event; ``True`` when the projection must be rewritten."""
+        key = projection.key_of(body)
+        if event_type == "DELETED":
+            existed = self.index.pop(key, None) is not None
+            self._written.pop(key, None)
+            self._invalid_reported.pop(key, None)
+            if existed:
+                self._dirty.set()
+            return existed
+        previous = self.index.get(key)
+        self.index[key] = dict(body)
+        if previous is None or projection.as_written(previous) != projection.as_written(body):
+            self._dirty.set()
+            return True
+        return False
+
+    def validation_error(self, body: Mapping[str, Any]) -> str | None:
+        """The model's complaint about a CR, reported once per distinct message."""
+        key = projection.key_of(body)
+        parsed = load.parse_document(projection.as_written(body), load.Source("/".join(k for k in key if k), 1))
+        if isinstance(parsed, load.Loaded):
+            self._invalid_reported.pop(key, None)
+            return None
+        message = parsed.summary()
+        if self._invalid_reported.get(key) == message:
+            return None
+        self._invalid_reported[key] = message
+        return message
+
+    # -- the projection -----------------------------------------------------------------------
+
+    async def run_projection(self, stop: asyncio.Event) -> None:
+        """Write the ConfigMap whenever the index changed, debounced; retry with backoff."""
+        delay = kube.RETRY_DELAY_S
+        while not stop.is_set():
+            await self._dirty.wait()
+            await asyncio.sleep(self.settings.projection_debounce_s)
+            self._dirty.clear()
+            try:
+                await self.write_projection()
+                delay = kube.RETRY_DELAY_S
+            except (kopf.TemporaryError, kopf.PermanentError) as exc:
+                log.warning("projection not written, retrying in %.0fs: %s", delay, exc)
+                self._dirty.set()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.router_poll_max_s)
+
+    async def write_projection(self) -> None:
+        compiled = projection.compile_resources(self.index.values())
+        s = self.settings
+        annotations = {projection.DIGEST_ANNOTATION: compiled.digest}
+        if await self.kube.apply_configmap(s.policy_namespace, s.policy_configmap, compiled.files, annotations):
+            self.projection_writes += 1
+        self.compiled = compiled
+        await self.update_statuses()
+
+    # -- router readiness ---------------------------------------------------------------------
+
+    async def run_router_poll(self, stop: asyncio.Event) -> None:
+        router = self.router
+        if router is None:
+            return
+        while not stop.is_set():
+            try:
+                self.router_status = await router.fetch()
+                await self.update_statuses()
+            except routerstatus.RouterUnavailable as exc:
+                log.warning("router status unavailable (next try in %.1fs): %s", router.next_delay_s, exc)
+            except (kopf.TemporaryError, kopf.PermanentError) as exc:
+                log.warning("status update failed: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=router.next_delay_s)
+
+    async def update_statuses(self) -> None:
+        """Patch each policy CR whose Ready condition changed; each sandbox whose policyDigest did."""
+        now = self.clock()
+        policy_keys = [k for k in self.index if k[0] != "KarsSandbox"]
+        judged = projection.readiness(self.compiled, self.router_status or {"entries": []}, policy_keys)
+        if self.router_status is None:  # never heard from the router: only what we know ourselves
+            judged = {k: r for k, r in judged.items() if r.reason == "Invalid" or self.router is None}
+        patches: list[tuple[Key, Body, tuple[str, ...]]] = []
+        for key, ready in judged.items():
+            fingerprint = (ready.status, ready.reason, ready.message, ready.digest or "")
+            if self._written.get(key) == fingerprint:
+                continue
+            body = self.index[key]
+            generation = _generation(body)
+            conds = conditions.set_condition(
+                body.get("status", {}).get("conditions"),
+                "Ready",
+                ready.status,  # type: ignore[arg-type]
+                ready.reason,
+                ready.message,
+                now=now,
+                generation=generation,
+            )
+            status: Body = {"conditions": conds, "digest": ready.digest, "observedGeneration": generation}
+            patches.append((key, status, fingerprint))
+        for key in (k for k in self.index if k[0] == "KarsSandbox"):
+            body = self.index[key]
+            spec = body.get("spec", {})
+            refs = [model.PolicyRef.model_validate(r) for r in spec.get("policyRefs", []) if _valid_ref(r)]
+            want = projection.policy_digest(refs, key[1], self.compiled)
+            if want is not None and body.get("status", {}).get("policyDigest") != want:
+                digest_mark: tuple[str, ...] = ("policyDigest", want)
+                if self._written.get(key) != digest_mark:
+                    patches.append((key, {"policyDigest": want}, digest_mark))
+        await self._patch_all(patches)
+
+    async def _patch_all(self, patches: list[tuple[Key, Body, tuple[str, ...]]]) -> None:
+        gate = asyncio.Semaphore(STATUS_PATCH_CONCURRENCY)
+
+        async def one(key: Key, status: Body, fingerprint: tuple[str, ...]) -> None:
+            async with gate:
+                await self.kube.patch_status(projection.PLURALS[key[0]], key[1], key[2], status)
+            self._written[key] = fingerprint
+            if key in self.index:
+                self.index[key].setdefault("status", {}).update(status)
+
+        await asyncio.gather(*(one(*p) for p in patches))
+
+    # -- sandboxes ----------------------------------------------------------------------------
+
+    def parse_sandbox(self, body: Mapping[str, Any]) -> model.KarsSandbox:
+        parsed = load.parse_document(projection.as_written(body), load.Source("KarsSandbox", 1))
+        if isinstance(parsed, load.DocError):
+            raise kopf.PermanentError(f"invalid KarsSandbox: {parsed.summary()}")
+        assert isinstance(parsed.resource, model.KarsSandbox)
+        return parsed.resource
+
+    async def reconcile_sandbox(self, body: Mapping[str, Any]) -> Body | None:
+        """Bring the sandbox's children in line with its spec; the new status (None if deleted)."""
+        sandbox = self.parse_sandbox(body)
+        ns, name = sandbox.namespace, sandbox.name
+        owner = builders.owner_reference(dict(body))
+        current = await self.kube.get_pod(ns, name)
+        decision = builders.lifecycle(sandbox.spec, current, self.clock())
+        if decision.delete_sandbox:
+            log.info("sandbox %s/%s finished; ttlSecondsAfterFinished passed: deleting it", ns, name)
+            await self.kube.delete_sandbox(ns, name)
+            return None
+        await self.kube.ensure_service_account(builders.service_account(sandbox, owner))
+        await self.kube.ensure_service(builders.service(sandbox, owner, self.settings))
+        if sandbox.spec.replicas == 0 or decision.expired:
+            if current is not None:
+                await self.kube.delete_pod(ns, name)
+            current = None
+        else:
+            desired = builders.pod(sandbox, owner, self.settings)
+            if current is not None and not builders.pod_is_current(current, desired):
+                await self.kube.delete_pod(ns, name)
+                current = None
+            if current is None:  # a pod still terminating answers 409: a TemporaryError, retried
+                current = await self.kube.create_pod(desired)
+        return self.status_for(sandbox, body, current, expired=decision.expired)
+
+    def status_for(
+        self, sandbox: model.KarsSandbox, body: Mapping[str, Any], pod: Body | None, *, expired: bool = False
+    ) -> Body:
+        return builders.sandbox_status(
+            sandbox.spec,
+            pod,
+            body.get("status"),
+            now=self.clock(),
+            generation=_generation(body),
+            expired=expired,
+            policy_digest=projection.policy_digest(sandbox.spec.policy_refs, sandbox.namespace, self.compiled),
+        )
+
+    async def on_pod_event(self, event_type: str | None, pod: Mapping[str, Any]) -> None:
+        """A sandbox pod changed: refresh the owner's status; recreate a pod deleted under it."""
+        meta = pod.get("metadata", {})
+        ns, name = meta.get("namespace", ""), meta.get("labels", {}).get(builders.SANDBOX_LABEL)
+        body = self.index.get(("KarsSandbox", ns, name or ""))
+        if body is None or body.get("metadata", {}).get("deletionTimestamp"):
+            return
+        try:
+            sandbox = self.parse_sandbox(body)
+        except kopf.PermanentError:
+            return
+        expired = builders.lifecycle(sandbox.spec, None, self.clock()).expired
+        current: Body | None = dict(pod) if event_type != "DELETED" else None
+        if current is None and sandbox.spec.replicas == 1 and not expired:
+            status = await self.reconcile_sandbox(body)  # deleted under us: recreate
+            if status is None:
+                return
+        else:
+            status = self.status_for(sandbox, body, current, expired=expired)
+        previous = body.get("status") or {}
+        unchanged = conditions.same_conditions(previous.get("conditions"), status.get("conditions")) and all(
+            previous.get(k) == status.get(k) for k in ("phase", "podName", "policyDigest")
+        )
+        if not unchanged:
+            await self.kube.patch_status("karssandboxes", ns, str(name), status)
+            body.setdefault("status", {}).update(status)
+
+
+def _valid_ref(ref: Any) -> bool:
+    return isinstance(ref, dict) and ref.get("kind") in ("InferencePolicy", "ToolPolicy", "McpServer", "A2AAgent")
