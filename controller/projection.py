@@ -94,6 +94,12 @@ def compile_resources(bodies: Iterable[Body]) -> Compiled:
     return Compiled(files=files, digests=digests, errors=errors, digest=total)
 
 
+def projected_items(compiled: Compiled, kind: str) -> list[dict[str, Any]]:
+    """The resources of one kind as projected (for tests and ``kars`` tooling)."""
+    items: list[dict[str, Any]] = json.loads(compiled.files[file_name(kind)])["items"]
+    return items
+
+
 def policy_digest(refs: Iterable[model.PolicyRef], namespace: str, compiled: Compiled) -> str | None:
     """Digest of the policies a sandbox references (by ``policyRefs``), ``None`` when it has none."""
     found = []

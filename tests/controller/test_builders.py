@@ -1,0 +1,196 @@
+"""The pure parts of the controller: object builders, lifecycle, status, projection, error mapping."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+import kopf
+import pytest
+from kubernetes_asyncio.client.exceptions import ApiException
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from controller import builders, conditions, config, kube, projection, routerstatus
+from router.policy import digest, model
+from tests.support import servers
+
+NOW = dt.datetime(2026, 11, 22, 12, 0, tzinfo=dt.UTC)
+OWNER = {"apiVersion": model.API_VERSION, "kind": "KarsSandbox", "name": "a", "uid": "u", "controller": True}
+
+
+def sandbox(**spec: Any) -> model.KarsSandbox:
+    return model.KarsSandbox.model_validate(
+        {
+            "apiVersion": model.API_VERSION,
+            "kind": "KarsSandbox",
+            "metadata": {"name": "a", "namespace": "ns"},
+            "spec": {"image": "img:1", **spec},
+        }
+    )
+
+
+def test_pod_resources_default_and_override() -> None:
+    settings = config.ControllerSettings()
+    pod = builders.pod(sandbox(), OWNER, settings)
+    res = pod["spec"]["containers"][0]["resources"]
+    assert res["limits"] == {"cpu": "1", "memory": "1Gi", "ephemeral-storage": "1Gi"}
+    pod = builders.pod(sandbox(resources={"limits": {"cpu": "2"}, "requests": {"memory": "1Gi"}}), OWNER, settings)
+    res = pod["spec"]["containers"][0]["resources"]
+    assert res["limits"]["cpu"] == "2" and res["requests"]["memory"] == "1Gi"
+
+
+def test_pod_runtime_class_and_user_env_wins() -> None:
+    pod = builders.pod(
+        sandbox(runtime="kata", env=[{"name": "KARS_SANDBOX", "value": "mine"}]), OWNER, config.ControllerSettings()
+    )
+    assert pod["spec"]["runtimeClassName"] == "kata"
+    env = pod["spec"]["containers"][0]["env"]
+    assert [e for e in env if e["name"] == "KARS_SANDBOX"] == [{"name": "KARS_SANDBOX", "value": "mine"}]
+
+
+def test_pod_hash_follows_the_spec() -> None:
+    settings = config.ControllerSettings()
+    a = builders.pod(sandbox(), OWNER, settings)
+    assert builders.pod_is_current(a, builders.pod(sandbox(), OWNER, settings))
+    assert not builders.pod_is_current(a, builders.pod(sandbox(image="img:2"), OWNER, settings))
+    assert not builders.pod_is_current({"metadata": {}}, a)
+
+
+def test_lifecycle_decisions() -> None:
+    later = (NOW + dt.timedelta(seconds=30)).isoformat()
+    decision = builders.lifecycle(sandbox(lifecycle={"shutdownTime": later}).spec, None, NOW)
+    assert decision == builders.LifecycleDecision(recheck_in_s=30.0)
+    assert builders.lifecycle(
+        sandbox(lifecycle={"shutdownTime": later}).spec, None, NOW + dt.timedelta(seconds=31)
+    ).expired
+
+    finished = {
+        "status": {"phase": "Failed", "containerStatuses": [{"state": {"terminated": {"finishedAt": NOW.isoformat()}}}]}
+    }
+    spec = sandbox(lifecycle={"ttlSecondsAfterFinished": 60}).spec
+    assert builders.lifecycle(spec, finished, NOW + dt.timedelta(seconds=10)).recheck_in_s == pytest.approx(50)
+    assert builders.lifecycle(spec, finished, NOW + dt.timedelta(seconds=61)).delete_sandbox
+    running = {"status": {"phase": "Running"}}
+    assert builders.lifecycle(spec, running, NOW + dt.timedelta(days=1)) == builders.LifecycleDecision()
+
+
+def test_status_keeps_transition_times_when_nothing_changed() -> None:
+    spec = sandbox().spec
+    pod = {"metadata": {"name": "a"}, "status": {"phase": "Pending"}}
+    first = builders.sandbox_status(spec, pod, None, now=NOW, generation=3)
+    assert first["phase"] == "Pending" and first["podName"] == "a" and first["observedGeneration"] == 3
+    again = builders.sandbox_status(spec, pod, first, now=NOW + dt.timedelta(minutes=5), generation=3)
+    assert again["conditions"] == first["conditions"]
+    ready_pod = {
+        "metadata": {"name": "a"},
+        "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]},
+    }
+    later = NOW + dt.timedelta(minutes=6)
+    running = builders.sandbox_status(spec, ready_pod, again, now=later, generation=3)
+    ready = conditions.get_condition(running["conditions"], "Ready")
+    assert ready is not None and ready["status"] == "True" and ready["lastTransitionTime"] == conditions.iso(later)
+    suspended = builders.sandbox_status(sandbox(replicas=0).spec, None, running, now=later, generation=4)
+    assert suspended["phase"] == "Suspended" and suspended["podName"] is None
+
+
+def _body(kind: str, name: str, spec: dict[str, Any], namespace: str | None = "ns") -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "uid": "x", "managedFields": [{}], "resourceVersion": "9"}
+    if namespace:
+        meta["namespace"] = namespace
+    return {"apiVersion": model.API_VERSION, "kind": kind, "metadata": meta, "spec": spec}
+
+
+def test_projection_is_deterministic_and_digests_match_the_router() -> None:
+    bodies = [
+        _body("McpServer", "b", {"url": "http://b"}),
+        _body("McpServer", "a", {"url": "http://a"}),
+        _body("TrustGraph", "g", {}, namespace=None),
+    ]
+    one = projection.compile_resources(bodies)
+    two = projection.compile_resources(reversed(bodies))
+    assert one == two
+    items = projection.projected_items(one, "McpServer")
+    assert [i["metadata"]["name"] for i in items] == ["a", "b"]
+    assert "uid" not in items[0]["metadata"]
+    resource = model.McpServer.model_validate(items[0])
+    assert one.digests[("McpServer", "ns", "a")] == digest.of_resource(resource)
+    assert ("TrustGraph", "", "g") in one.digests
+
+
+def test_readiness_only_on_the_reported_digest() -> None:
+    compiled = projection.compile_resources(
+        [_body("McpServer", "a", {"url": "http://a"}), _body("McpServer", "bad", {"url": "ftp://x"})]
+    )
+    want = compiled.digests[("McpServer", "ns", "a")]
+    keys = [("McpServer", "ns", "a"), ("McpServer", "ns", "bad")]
+    judged = projection.readiness(compiled, {"entries": []}, keys)
+    assert judged[keys[0]].reason == "Pending" and judged[keys[1]].reason == "Invalid"
+    entry = {"kind": "McpServer", "namespace": "ns", "name": "a", "digest": "sha256:old", "lastError": None}
+    assert projection.readiness(compiled, {"entries": [entry]}, keys)[keys[0]].status == "False"
+    entry["digest"] = want
+    assert projection.readiness(compiled, {"entries": [entry]}, keys)[keys[0]].status == "True"
+    entry["lastError"] = "x.json:1: nope"
+    rejected = projection.readiness(compiled, {"entries": [entry]}, keys)[keys[0]]
+    assert (rejected.status, rejected.reason, rejected.message) == ("False", "RouterRejected", "x.json:1: nope")
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [
+        (400, kopf.PermanentError),
+        (422, kopf.PermanentError),
+        (403, kopf.PermanentError),
+        (409, kopf.TemporaryError),
+        (429, kopf.TemporaryError),
+        (500, kopf.TemporaryError),
+        (503, kopf.TemporaryError),
+    ],
+)
+def test_api_errors_map_by_status(status: int, expected: type[Exception]) -> None:
+    assert isinstance(kube.map_api_error(ApiException(status=status, reason="x"), "op"), expected)
+
+
+def test_throttling_honours_retry_after() -> None:
+    exc = ApiException(status=429, reason="Too Many Requests")
+    exc.headers = {"Retry-After": "7"}
+    err = kube.map_api_error(exc, "op")
+    assert isinstance(err, kopf.TemporaryError) and err.delay == 7.0
+    assert kube.map_api_error(OSError("boom"), "op").delay == kube.RETRY_DELAY_S  # type: ignore[union-attr]
+
+
+async def test_router_client_backs_off_and_recovers(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    seen: list[str | None] = []
+    healthy = {"on": False}
+
+    async def policy_status(request: Request) -> Response:
+        seen.append(request.headers.get("authorization"))
+        if not healthy["on"]:
+            return Response("down", status_code=503)
+        return JSONResponse({"entries": []})
+
+    app = Starlette(routes=[Route(routerstatus.POLICY_STATUS_PATH, policy_status)])
+    with servers.serve(app) as srv:
+        client = routerstatus.RouterStatusClient(srv.url, token, poll_s=0.1, max_poll_s=0.5)
+        try:
+            for expected in (0.2, 0.4, 0.5, 0.5):
+                with pytest.raises(routerstatus.RouterUnavailable):
+                    await client.fetch()
+                assert client.next_delay_s == pytest.approx(expected)
+            healthy["on"] = True
+            assert await client.fetch() == {"entries": []}
+            assert client.next_delay_s == 0.1
+        finally:
+            await client.aclose()
+    assert seen[0] == "Bearer s3cret"
+    unreachable = routerstatus.RouterStatusClient(
+        f"http://127.0.0.1:{servers.free_port()}", None, poll_s=1, max_poll_s=2
+    )
+    with pytest.raises(routerstatus.RouterUnavailable):
+        await unreachable.fetch()
+    await unreachable.aclose()
