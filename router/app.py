@@ -25,11 +25,13 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from router import budget_api, errors, ops, stores
 from router.identity import devtokens, jwks, verifier
 from router.middleware import admin, body_limit, identity, jws, observe, trust_graph
+from router.middleware import content_safety as safety_mw
 from router.middleware import errors as error_mw
 from router.middleware import token_budget as budget_mw
 from router.observability import logs
 from router.observability import metrics as metrics_mod
 from router.policy import store as store_mod
+from router.safety import providers as safety_providers
 from router.settings import Settings
 from router.transports import a2a, foundry, mesh
 from router.upstream import credentials
@@ -50,6 +52,7 @@ class Runtime:
     http: httpx.AsyncClient
     ops: ops.Ops
     budget_store: stores.base.CounterStore | None = None
+    safety: safety_providers.Safety | None = None
     mesh: mesh.MeshHub | None = None
     a2a: a2a.A2ATransport | None = None
     foundry: foundry.FoundryTransport | None = None
@@ -110,6 +113,7 @@ def build_app(settings: Settings) -> Starlette:
     budget_store = runtime.budget_store = stores.create(settings.budgets)
     budget_routes = budget_api.BudgetApi(budget_store, policy)
     operations.ready_checks["budget store reachable"] = budget_routes.ready
+    safety = runtime.safety = safety_providers.build(settings.safety)
     mesh_hub = mesh.MeshHub(
         policy=policy, metrics=metrics, relay_url=settings.mesh.relay_url, pair_timeout_s=settings.mesh.pair_timeout_s
     )
@@ -160,6 +164,8 @@ def build_app(settings: Settings) -> Starlette:
             stack.push_async_callback(http.aclose)
             await budget_store.open()
             stack.push_async_callback(budget_store.close)
+            await safety.start()
+            stack.push_async_callback(safety.aclose)
             stack.push_async_callback(mesh_hub.aclose)
             stack.push_async_callback(a2a_transport.aclose)
             if foundry_client is not None and foundry_broker is not None:
@@ -209,6 +215,7 @@ def build_app(settings: Settings) -> Starlette:
         ),
         Middleware(trust_graph.TrustGraphMiddleware, policy=policy, metrics=metrics),
         Middleware(budget_mw.TokenBudgetMiddleware, store=budget_store, policy=policy, metrics=metrics),
+        Middleware(safety_mw.ContentSafetyMiddleware, safety=safety, policy=policy, metrics=metrics),
     ]
     routes.extend(runtime.foundry.routes())  # catch-alls (/v1/...): after every other route
     app = Starlette(

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import pydantic
+import re2
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -112,11 +113,17 @@ class Blocklist(_Section):
     @pydantic.field_validator("regexes")
     @classmethod
     def _compiles(cls, value: list[str]) -> list[str]:
+        # RE2 syntax: matching must stay linear in the prompt's length (router/safety/local.py).
+        options = re2.Options()
+        options.log_errors = False
         for pattern in value:
             try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(f"regex {pattern!r} does not compile: {exc}") from exc
+                re2.compile(pattern, options=options)
+            except re2.error as exc:
+                reason = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else exc
+                raise ValueError(
+                    f"regex {pattern!r} is not RE2 syntax (no backreferences or lookaround): {reason}"
+                ) from None
         return value
 
 
@@ -129,6 +136,9 @@ class SafetySettings(_Section):
     floor: model.SafetyFloor = Field(default_factory=model.SafetyFloor)
     content_safety_endpoint: str | None = None
     content_safety_key_file: Path | None = None
+    # azure-identity credential for Content Safety when there is no key file
+    content_safety_credential: Literal["workload", "managed", "default"] = "default"
+    content_safety_timeout_s: float = Field(default=5, gt=0)  # connect, then the reply
     local_floor: LocalFloor = Field(default_factory=LocalFloor)
 
 

@@ -126,3 +126,17 @@ class Metrics:
             ["operation"],
             registry=r,
         )
+        # Content safety (router/middleware/content_safety.py, router/safety).
+        self.safety_blocks = Counter(
+            "kars_safety_blocks",
+            "Prompts and outputs blocked by content safety, by category, provider (foundry, content_safety, "
+            "local) and stage (prompt, output).",
+            ["category", "provider", "stage"],
+            registry=r,
+        )
+        self.safety_unavailable = Counter(
+            "kars_safety_unavailable",
+            "Content-safety checks a provider could not answer, by provider and outcome (fail_open, fail_closed).",
+            ["provider", "outcome"],
+            registry=r,
+        )

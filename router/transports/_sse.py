@@ -99,3 +99,20 @@ class StreamObserver:
             return False
         self.usage = found
         return self._strip and doc.get("choices") == []
+
+
+def events(chunk: bytes) -> list[bytes]:
+    """The events in ``chunk`` as ``feed`` passes them on (whole events; an unterminated rest kept whole)."""
+    out = []
+    start = 0
+    for match in _EVENT_END.finditer(chunk):
+        out.append(chunk[start : match.end()])
+        start = match.end()
+    if start < len(chunk):
+        out.append(chunk[start:])
+    return out
+
+
+def event_data(event: bytes) -> bytes:
+    """The ``data`` of one event: its ``data:`` lines joined with ``\\n``."""
+    return _data(event)

@@ -1,0 +1,70 @@
+"""Content safety on inference routes that generate text (SPEC.md §3): prompt before, output after.
+
+The last layer before the transport (identity -> jws -> trust_graph -> token_budget ->
+content_safety). For a JSON ``chat`` / ``responses`` / ``image`` request: the effective ceilings
+are the cluster floor tightened by the caller's InferencePolicies' ``contentSafety``
+(``verdict.effective``); the prompt's text (``router.safety.texts``) goes to every provider at
+once; a refusal is raised before anything is forwarded. The output is then checked as it passes
+(``router.safety.guard.OutputGuard``). Embeddings and audio are not checked (they generate no
+text); nor is a non-JSON body (multipart image edits), which passes through.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from router import _asgi, _body, inference
+from router.identity.principal import Principal
+from router.observability import metrics as metrics_mod
+from router.policy import store as policy_store
+from router.safety import guard, providers, texts, verdict
+
+CHECKED_ACTIONS = frozenset({"chat", "responses", "image"})
+
+
+class ContentSafetyMiddleware:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        safety: providers.Safety,
+        policy: policy_store.PolicyStore,
+        metrics: metrics_mod.Metrics,
+    ) -> None:
+        self.app = app
+        self._safety = safety
+        self._policy = policy
+        self._metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        route = inference.classify(scope["path"])
+        if route is None or route.action not in CHECKED_ACTIONS:
+            return await self.app(scope, receive, send)
+        ctype = _asgi.header(scope, b"content-type")
+        if ctype is None or b"json" not in ctype.lower():
+            return await self.app(scope, receive, send)
+        st = _asgi.state(scope)
+        ceilings = self._ceilings(st, route.action)
+        judge = guard.Judge(self._safety, ceilings, self._metrics, st.setdefault(_asgi.LOG_FIELDS, {}))
+        doc = await _body.read_json(scope, receive)
+        await judge.check_prompt(texts.prompt_of(route.action, doc))
+        out = guard.OutputGuard(send, judge)
+        try:
+            await self.app(scope, _body.replay(scope, receive), out.send)
+        except guard.Blocked as exc:
+            if not exc.answered:
+                raise exc.error from None
+
+    def _ceilings(self, st: dict[str, Any], action: str) -> verdict.Ceilings:
+        principal = st.get(_asgi.PRINCIPAL)
+        if not isinstance(principal, Principal) or principal.kind != "sandbox":
+            return verdict.effective(self._safety.floor, ())
+        snapshot = st.setdefault(_asgi.SNAPSHOT, self._policy.snapshot)
+        found = snapshot.inference_policies(principal.namespace, principal.name, action)
+        return verdict.effective(
+            self._safety.floor, [p.spec.content_safety for p in found if p.spec.content_safety is not None]
+        )

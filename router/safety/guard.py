@@ -1,0 +1,326 @@
+"""One request's content-safety decisions: the prompt before forwarding, the output as it passes.
+
+``Judge`` holds the request's effective ceilings and turns findings into a decision (block ->
+400 ``content_filter`` in Azure's shape, SPEC.md §3; a provider down -> 503
+``content_safety_unavailable`` unless failOpen applies), counting it in the metrics and the
+access-log field ``safety``. ``OutputGuard`` wraps the transport's ``send``:
+
+- a 2xx JSON reply (the transport sends it whole, up to 4 MiB) is held and checked before any of
+  it goes out; a blocked one becomes the error instead (a larger reply streams on unchecked);
+- an SSE reply is checked event by event as the transport sends whole events: annotations at
+  once, the local floor on each event's text (with an overlap, for matches across events), Content
+  Safety on batches of text (events are held back until their batch is rated, as Azure's own
+  default streaming filter does). A violation ends the stream with an SSE ``error`` event and
+  ``data: [DONE]``; the guarded ``send`` then raises ``Blocked`` so the transport stops and closes
+  the upstream reply; the middleware catches it. A prompt flagged in the stream's first chunk,
+  before anything went out, is a plain 400;
+- an upstream error reply passes through as is; a content-filter 400 from the upstream is counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Sequence
+from typing import Any
+
+from starlette.types import Message, Send
+
+from router import errors
+from router.observability import metrics as metrics_mod
+from router.safety import foundry, providers, texts, verdict
+from router.transports import _sse
+
+log = logging.getLogger("kars.safety")
+
+LOG_FIELD = "safety"  # access-log field: passed | blocked | fail_open | unavailable
+MAX_ERROR_BYTES = 64 * 1024  # of an upstream error reply, kept to read its content-filter result
+PROMPT_MESSAGE = "The prompt was filtered by the content-safety policy ({}). Please modify your prompt and retry."
+OUTPUT_MESSAGE = "The model output was filtered by the content-safety policy ({})."
+
+
+class Blocked(Exception):
+    """Raised by the guarded ``send``: stop relaying. ``answered``: the caller already has the error."""
+
+    def __init__(self, error: errors.KarsError, *, answered: bool) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.answered = answered
+
+
+class Judge:
+    def __init__(
+        self,
+        safety: providers.Safety,
+        ceilings: verdict.Ceilings,
+        metrics: metrics_mod.Metrics,
+        fields: dict[str, Any],
+    ) -> None:
+        self.providers = safety.providers
+        self.ceilings = ceilings
+        self._metrics = metrics
+        self._fields = fields
+
+    async def check_prompt(self, prompt: texts.Prompt) -> None:
+        """Raise the refusal for ``prompt``, if any."""
+        if prompt and self.providers:
+            calls = [(p.name, p.check_prompt(prompt, shields=self.ceilings.shields)) for p in self.providers]
+            found, down = await gather(calls)
+            refusal = self.decide(found, down, "prompt")
+            if refusal is not None:
+                raise refusal
+        self._fields.setdefault(LOG_FIELD, "passed")
+
+    def decide(
+        self, found: Sequence[verdict.Finding], down: verdict.Unavailable | None, stage: str
+    ) -> errors.KarsError | None:
+        blocked = verdict.tripped(found, self.ceilings)
+        if blocked:
+            return self.block(blocked, stage)
+        if down is not None:
+            return self._unavailable(down, stage)
+        return None
+
+    def block(self, blocked: Sequence[verdict.Finding], stage: str) -> errors.KarsError:
+        for category, provider in dict.fromkeys((f.category, f.provider) for f in blocked):
+            self._metrics.safety_blocks.labels(category, provider, stage).inc()
+        what = verdict.summary(blocked)
+        self._fields[LOG_FIELD] = "blocked"
+        self._fields["safetyBlocked"] = f"{stage}: {what}"
+        template = PROMPT_MESSAGE if stage == "prompt" else OUTPUT_MESSAGE
+        result = verdict.content_filter_result(blocked)
+        inner = {"code": "ResponsibleAIPolicyViolation", "content_filter_result": result}
+        return errors.InvalidRequest(
+            template.format(what),
+            code="content_filter",
+            extra={"param": "prompt" if stage == "prompt" else None, "innererror": inner},
+            headers={"x-should-retry": "false"},
+        )
+
+    def upstream_blocked(self, filtered: Sequence[verdict.Finding]) -> None:
+        """The upstream refused the prompt itself (its own content filter): count it, pass it on."""
+        for category, provider in dict.fromkeys((f.category, f.provider) for f in filtered):
+            self._metrics.safety_blocks.labels(category, provider, "prompt").inc()
+        self._fields[LOG_FIELD] = "blocked"
+        self._fields["safetyBlocked"] = "prompt: " + (verdict.summary(filtered) or "foundry")
+
+    def _unavailable(self, down: verdict.Unavailable, stage: str) -> errors.KarsError | None:
+        log.warning("content safety provider unavailable (%s): %s", stage, down)
+        if self.ceilings.fail_open:
+            self._metrics.safety_unavailable.labels(down.provider, "fail_open").inc()
+            self._fields[LOG_FIELD] = "fail_open"
+            return None
+        self._metrics.safety_unavailable.labels(down.provider, "fail_closed").inc()
+        self._fields[LOG_FIELD] = "unavailable"
+        return errors.ServiceUnavailable(
+            f"content safety check unavailable ({down.provider})", code="content_safety_unavailable"
+        )
+
+
+async def gather(
+    calls: Sequence[tuple[str, Awaitable[list[verdict.Finding]]]],
+) -> tuple[list[verdict.Finding], verdict.Unavailable | None]:
+    """Run provider checks concurrently: every finding, and the first provider that could not answer."""
+    if len(calls) == 1:  # the common case (local floor only): no task
+        try:
+            return await calls[0][1], None
+        except verdict.Unavailable as exc:
+            return [], exc
+    results = await asyncio.gather(*(c for _, c in calls), return_exceptions=True)
+    found: list[verdict.Finding] = []
+    down: verdict.Unavailable | None = None
+    for result in results:
+        if isinstance(result, verdict.Unavailable):
+            down = down or result
+        elif isinstance(result, BaseException):
+            raise result
+        else:
+            found.extend(result)
+    return found, down
+
+
+class _Lane:
+    """Output text waiting for one provider's check."""
+
+    __slots__ = ("carry", "parts", "provider", "size")
+
+    def __init__(self, provider: providers.Provider) -> None:
+        self.provider = provider
+        self.parts: list[str] = []
+        self.size = 0
+        self.carry = ""
+
+    def add(self, text: str) -> None:
+        self.parts.append(text)
+        self.size += len(text)
+
+    def due(self, final: bool) -> bool:
+        return self.size > 0 and (final or self.size >= self.provider.stream_batch_chars)
+
+    def take(self) -> str:
+        text = self.carry + "".join(self.parts)
+        self.parts.clear()
+        self.size = 0
+        overlap = self.provider.overlap_chars
+        self.carry = text[-overlap:] if overlap else ""
+        return text
+
+
+def _is_prompt(error: errors.KarsError) -> bool:
+    return error.extra.get("param") == "prompt"
+
+
+def _event_doc(event: bytes) -> Any:
+    """The JSON ``data`` of one SSE event, or None ([DONE], comments, keep-alives, not JSON)."""
+    data = _sse.event_data(event)
+    if not data.startswith(b"{"):
+        return None
+    try:
+        return json.loads(data)
+    except ValueError:
+        return None
+
+
+def _content_type(message: Message) -> bytes:
+    for key, value in message.get("headers", ()):
+        if key.lower() == b"content-type":
+            return bytes(value).lower()
+    return b""
+
+
+class OutputGuard:
+    """Per request: ``send`` is what the transport gets (see the module docstring)."""
+
+    def __init__(self, send: Send, judge: Judge) -> None:
+        self._send = send
+        self._judge = judge
+        self._mode = "pass"
+        self._start: Message | None = None  # held until the first body is checked
+        self._held: list[bytes] = []  # SSE events waiting for a batch check
+        self._lanes = [_Lane(p) for p in judge.providers]
+        self._error = bytearray()
+        self._ended = False
+
+    async def send(self, message: Message) -> None:
+        if self._ended:
+            raise Blocked(errors.InvalidRequest("the response was already ended"), answered=True)
+        kind = message["type"]
+        if kind == "http.response.start":
+            return await self._on_start(message)
+        if kind != "http.response.body" or self._mode == "pass":
+            return await self._send(message)
+        if self._mode == "sse":
+            return await self._sse(message)
+        if self._mode == "json":
+            return await self._json(message)
+        return await self._upstream_error(message)
+
+    async def _on_start(self, message: Message) -> None:
+        status, ctype = message["status"], _content_type(message)
+        ok = 200 <= status < 300
+        if ok and ctype.startswith(b"text/event-stream"):
+            self._mode, self._start = "sse", message
+        elif ok and b"json" in ctype:
+            self._mode, self._start = "json", message
+        else:
+            self._mode = "error" if status == 400 and b"json" in ctype else "pass"
+            await self._send(message)
+
+    async def _release_start(self) -> None:
+        if self._start is not None:
+            start, self._start = self._start, None
+            await self._send(start)
+
+    async def _json(self, message: Message) -> None:
+        if message.get("more_body", False):  # larger than the transport reads whole: not checked
+            self._mode = "pass"
+            self._judge._fields["safetyOutput"] = "unchecked"
+            await self._release_start()
+            return await self._send(message)
+        body = message.get("body", b"")
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            doc = None
+        await self._check(doc, texts.output_of(doc), stream=False)
+        await self._release_start()
+        await self._send(message)
+
+    async def _sse(self, message: Message) -> None:
+        more = message.get("more_body", False)
+        events = _sse.events(message.get("body", b""))
+        cleared: list[bytes] = []  # events every provider has passed, sent together at the end
+        for event in events:
+            self._held.append(event)
+            refusal = await self._judge_event(_event_doc(event), final=False)
+            if refusal is not None:
+                await self._end(refusal, before=cleared)
+            if not any(lane.size for lane in self._lanes):
+                cleared.extend(self._held)
+                self._held.clear()
+        if not more and self._held:  # the end of the stream: rate what is left, then let it go
+            refusal = await self._judge_event(None, final=True)
+            if refusal is not None:
+                await self._end(refusal, before=cleared)
+            cleared.extend(self._held)
+            self._held.clear()
+        if cleared or not more:
+            await self._release_start()
+            await self._send({"type": "http.response.body", "body": b"".join(cleared), "more_body": more})
+
+    async def _judge_event(self, doc: Any, *, final: bool) -> errors.KarsError | None:
+        judge = self._judge
+        if doc is not None:
+            blocked = verdict.tripped(foundry.prompt_findings(doc), judge.ceilings)
+            if blocked:
+                return judge.block(blocked, "prompt")
+            text = texts.delta_of(doc)
+            if text:
+                for lane in self._lanes:
+                    lane.add(text)
+        due = [lane for lane in self._lanes if lane.due(final)]
+        calls = [(lane.provider.name, lane.provider.check_output(lane.take())) for lane in due]
+        found, down = await gather(calls) if calls else ([], None)
+        annotated = foundry.output_findings(doc) if doc is not None else []
+        return judge.decide([*annotated, *found], down, "output")
+
+    async def _check(self, doc: Any, text: str, *, stream: bool) -> None:
+        judge = self._judge
+        blocked = verdict.tripped(foundry.prompt_findings(doc), judge.ceilings)
+        if blocked:
+            await self._end(judge.block(blocked, "prompt"), stream=stream)
+        calls = [(p.name, p.check_output(text)) for p in judge.providers] if text else []
+        found, down = await gather(calls) if calls else ([], None)
+        refusal = judge.decide([*foundry.output_findings(doc), *found], down, "output")
+        if refusal is not None:
+            await self._end(refusal, stream=stream)
+
+    async def _end(self, error: errors.KarsError, *, stream: bool = True, before: Sequence[bytes] = ()) -> None:
+        """Stop the response with ``error``: in-stream (after the ``before`` events), or as the whole answer.
+
+        A prompt refusal before anything went out, and any refusal of a whole JSON reply, are the
+        whole answer (a plain 400); otherwise the stream ends with an ``error`` event and ``[DONE]``.
+        """
+        self._ended = True
+        self._held.clear()
+        if not stream or (self._start is not None and not before and _is_prompt(error)):
+            raise Blocked(error, answered=False)
+        await self._release_start()
+        body = b"".join(before) + _sse.error_event(error.body())
+        await self._send({"type": "http.response.body", "body": body, "more_body": False})
+        raise Blocked(error, answered=True)
+
+    async def _upstream_error(self, message: Message) -> None:
+        if len(self._error) < MAX_ERROR_BYTES:
+            self._error += message.get("body", b"")[: MAX_ERROR_BYTES - len(self._error)]
+        await self._send(message)
+        if message.get("more_body", False):
+            return
+        try:
+            doc = json.loads(self._error)
+        except ValueError:
+            return
+        filtered = foundry.error_findings(doc)
+        if filtered is not None:
+            self._judge.upstream_blocked(filtered)
