@@ -1,0 +1,186 @@
+"""charts/kars rendered by Helm's own engine (libhelm via helm-python-sdk, no helm binary), then checked:
+valid YAML without duplicate keys, valid Kubernetes objects, values against values.schema.json,
+least-privilege RBAC, and a router config the router itself accepts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from controller import crds
+from router import settings as router_settings
+
+CHART = Path(__file__).resolve().parents[2] / "charts" / "kars"
+KUBERNETES_VERSION = "1.33.0"
+NAMESPACE = "kars-system"
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """A YAML loader that refuses duplicate keys (PyYAML silently keeps the last one)."""
+
+
+def _no_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    keys = [loader.construct_object(k, deep=deep) for k, _ in node.value]
+    dupes = {k for k in keys if keys.count(k) > 1}
+    if dupes:
+        raise yaml.constructor.ConstructorError(None, None, f"duplicate keys {sorted(dupes)}", node.start_mark)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+
+
+def render(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    manifests = helm.Chart.load(CHART).render(values or {}, name="kars", namespace=NAMESPACE, is_install=True)
+    docs: list[dict[str, Any]] = []
+    for path, text in manifests.items():
+        if not path.endswith(".yaml"):
+            continue
+        for doc in yaml.load_all(text, Loader=_StrictLoader):  # a SafeLoader subclass
+            if doc:
+                docs.append(doc)
+    return docs
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def _values() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load((CHART / "values.yaml").read_text())
+    return loaded
+
+
+def _schema() -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads((CHART / "values.schema.json").read_text())
+    return loaded
+
+
+VARIANTS = {
+    "defaults": {},
+    "namespaced-monitored": {
+        "controller": {"namespaces": ["team-a", "team-b"], "seccompProfile": "profiles/kars.json"},
+        "serviceMonitor": {"enabled": True},
+        "router": {
+            "workloadIdentity": {"clientId": "11111111-2222-3333-4444-555555555555"},
+            "foundry": {"endpoint": "https://example.openai.azure.com"},
+            "budgets": {"redisUrlSecret": {"name": "redis", "key": "url"}},
+        },
+    },
+    "api-key-sqlite": {"router": {"foundry": {"apiKeySecret": "foundry-key"}, "budgets": {"store": "sqlite"}}},
+}
+
+
+def test_default_values_validate_against_the_schema() -> None:
+    jsonschema.Draft7Validator.check_schema(_schema())
+    jsonschema.validate(_values(), _schema(), cls=jsonschema.Draft7Validator)
+    helm.Chart.load(CHART).validate_schema({})
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"router": {"replicas": 0}},
+        {"router": {"budgets": {"store": "etcd"}}},
+        {"router": {"safety": {"floor": {"hate": "Extreme"}}}},
+        {"controller": {"typo": 1}},
+        {"router": {"foundry": {"endpoint": "not a url"}}},
+    ],
+)
+def test_bad_values_are_refused_by_the_schema(bad: dict[str, Any]) -> None:
+    with pytest.raises(helm.HelmError):
+        helm.Chart.load(CHART).render(bad, name="kars", namespace=NAMESPACE)
+
+
+def test_lint_is_clean() -> None:
+    report = helm.lint(CHART, strict=True, namespace=NAMESPACE)
+    assert report["errors"] == [], report
+    assert [m for m in report["messages"] if m["severity"] >= 2] == [], report
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=str)
+def test_every_rendered_object_is_a_valid_kubernetes_object(variant: str) -> None:
+    docs = render(VARIANTS[variant])
+    kinds = {d["kind"] for d in docs}
+    assert {"Deployment", "Service", "ServiceAccount", "ClusterRole", "ConfigMap", "PodDisruptionBudget"} <= kinds
+    for doc in docs:
+        if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            assert doc["kind"] == "ServiceMonitor"  # a CRD of prometheus-operator, not in the core schemas
+            continue
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def test_crds_ship_with_the_chart() -> None:
+    chart = helm.Chart.load(CHART)
+    names = sorted(c["name"] for c in chart.crds)
+    assert names == sorted(f"crds/{crds.file_name(k)}" for k in crds.KINDS)
+
+
+def test_rbac_is_least_privilege() -> None:
+    for variant in VARIANTS.values():
+        docs = render(variant)
+        for role in by_kind(docs, "ClusterRole") + by_kind(docs, "Role"):
+            for rule in role["rules"]:
+                assert "*" not in rule["verbs"] and "*" not in rule["resources"], rule
+                assert "*" not in rule.get("apiGroups", []), rule
+                assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"]), rule
+                if "secrets" in rule["resources"]:
+                    pytest.fail(f"the controller never reads secrets: {rule}")
+    default = render()
+    (cluster_role,) = [r for r in by_kind(default, "ClusterRole")]
+    pods = [r for r in cluster_role["rules"] if r["resources"] == ["pods"]]
+    assert pods and set(pods[0]["verbs"]) == {"get", "list", "watch", "create", "delete"}
+    (policy_role,) = [r for r in by_kind(default, "Role") if r["metadata"]["name"].endswith("-policy")]
+    named = [r for r in policy_role["rules"] if r.get("resourceNames")]
+    assert named[0]["resourceNames"] == ["kars-policy"]
+    # Watching named namespaces: a Role per namespace, no cluster-wide pod rights.
+    scoped = render(VARIANTS["namespaced-monitored"])
+    assert {r["metadata"]["namespace"] for r in by_kind(scoped, "Role")} == {"team-a", "team-b", NAMESPACE}
+    (cluster_role,) = by_kind(scoped, "ClusterRole")
+    assert not [r for r in cluster_role["rules"] if "pods" in r["resources"]]
+
+
+def test_router_config_is_accepted_by_the_router(tmp_path: Path) -> None:
+    """The rendered router.yaml plus the Deployment's env, loaded as the router loads them."""
+    for name, variant in VARIANTS.items():
+        docs = render(variant)
+        (cm,) = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"] == "kars-router-config"]
+        (router,) = [d for d in by_kind(docs, "Deployment") if d["metadata"]["name"] == "kars-router"]
+        env = {
+            e["name"]: "redis://from-a-secret:6379"
+            for e in router["spec"]["template"]["spec"]["containers"][0].get("env", [])
+        }
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(cm["data"]["router.yaml"])
+        assert yaml.safe_load(cm["data"]["router.yaml"])["policy"]["dir"] == "/etc/kars/policy"
+        # The ConfigMap volume is not here: point policy.dir at a directory that exists.
+        parsed = router_settings.load(path, environ=env, overrides={("policy", "dir"): tmp_path})
+        assert parsed.identity.audience == "kars-router"
+        assert parsed.admin.token_file == Path("/etc/kars/admin/token")
+
+
+def test_router_deployment_mounts_policy_and_wires_identity() -> None:
+    docs = render(VARIANTS["namespaced-monitored"])
+    (router,) = [d for d in by_kind(docs, "Deployment") if d["metadata"]["name"] == "kars-router"]
+    pod = router["spec"]["template"]
+    assert pod["metadata"]["labels"]["azure.workload.identity/use"] == "true"
+    mounts = {m["name"]: m["mountPath"] for m in pod["spec"]["containers"][0]["volumeMounts"]}
+    assert mounts["policy"] == "/etc/kars/policy"
+    (policy,) = [v for v in pod["spec"]["volumes"] if v["name"] == "policy"]
+    assert policy["configMap"]["name"] == "kars-policy"
+    env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+    assert env["KARS_BUDGETS_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": "redis", "key": "url"}
+    (sa,) = [d for d in by_kind(docs, "ServiceAccount") if d["metadata"]["name"] == "kars-router"]
+    assert sa["metadata"]["annotations"]["azure.workload.identity/client-id"].startswith("1111")
+    (controller,) = [d for d in by_kind(docs, "Deployment") if d["metadata"]["name"] == "kars-controller"]
+    args = controller["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--namespace=team-a" in args and "--all-namespaces" not in args
+    assert "--seccomp-profile=profiles/kars.json" in args
+    assert by_kind(docs, "ServiceMonitor")[0]["spec"]["endpoints"][0]["path"] == "/metrics"
