@@ -34,6 +34,7 @@ from router.policy import store as store_mod
 from router.safety import providers as safety_providers
 from router.settings import Settings
 from router.transports import a2a, foundry, mesh
+from router.transports import mcp as mcp_transport
 from router.upstream import credentials
 from router.upstream import http as upstream_http
 
@@ -51,6 +52,7 @@ class Runtime:
     dev_key: Any
     http: httpx.AsyncClient
     ops: ops.Ops
+    mcp: mcp_transport.Gateway | None = None
     budget_store: stores.base.CounterStore | None = None
     safety: safety_providers.Safety | None = None
     mesh: mesh.MeshHub | None = None
@@ -110,6 +112,7 @@ def build_app(settings: Settings) -> Starlette:
     )
     operations = ops.Ops(metrics, policy)
     runtime = Runtime(settings, metrics, policy, token_verifier, dev_key, http, operations)
+    mcp_gateway = runtime.mcp = mcp_transport.Gateway(settings.mcp, policy, metrics)
     budget_store = runtime.budget_store = stores.create(settings.budgets)
     budget_routes = budget_api.BudgetApi(budget_store, policy)
     operations.ready_checks["budget store reachable"] = budget_routes.ready
@@ -147,6 +150,7 @@ def build_app(settings: Settings) -> Starlette:
         WebSocketRoute("/mesh/{ns}/{name}", mesh_hub),
         *a2a_transport.routes(),
     ]
+    routes.extend(mcp_transport.routes(mcp_gateway))
     route_names: dict[Callable[..., Any], str] = {}
 
     def names() -> dict[Callable[..., Any], str]:
@@ -162,6 +166,8 @@ def build_app(settings: Settings) -> Starlette:
         stop = asyncio.Event()
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(http.aclose)
+            await mcp_gateway.start()
+            stack.push_async_callback(mcp_gateway.aclose)
             await budget_store.open()
             stack.push_async_callback(budget_store.close)
             await safety.start()

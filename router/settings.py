@@ -175,6 +175,21 @@ class LimitSettings(_Section):
     max_body_bytes: int = Field(default=MAX_BODY_BYTES, ge=1)
 
 
+class McpSettings(_Section):
+    """MCP gateway (SPEC.md §4). ``auth.bearerFromSecret: NAME`` of an McpServer reads the file
+    ``secretsDir/NAME`` (a mounted Secret): its content is sent upstream as ``Bearer``."""
+
+    secrets_dir: Path | None = None
+    session_idle_timeout_s: float = Field(default=900, gt=0)  # a session with no traffic and no stream ends
+    max_sessions_per_principal: int = Field(default=64, ge=1)
+    keep_alive_s: float = Field(default=15, gt=0)  # SSE comment interval on idle streams
+    replay_events: int = Field(default=256, ge=1)  # events kept per stream for Last-Event-ID
+    allowed_origins: list[str] = Field(default_factory=list)  # besides loopback; "http://host:*" allowed
+    audit_arguments: bool = False  # log tools/call argument values (names only when false)
+    upstream_connect_timeout_s: float = Field(default=5, gt=0)
+    upstream_read_timeout_s: float = Field(default=300, gt=0)
+
+
 class LogSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     access: bool = True
@@ -189,6 +204,7 @@ class Settings(_Section):
     identity: IdentitySettings = Field(default_factory=IdentitySettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
     mesh: MeshSettings = Field(default_factory=MeshSettings)
+    mcp: McpSettings = Field(default_factory=McpSettings)
     a2a: A2ASettings = Field(default_factory=A2ASettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     log: LogSettings = Field(default_factory=LogSettings)

@@ -140,3 +140,23 @@ class Metrics:
             ["provider", "outcome"],
             registry=r,
         )
+        # MCP gateway (router/transports/mcp).
+        self.mcp_tool_calls = Counter(
+            "kars_mcp_tool_calls",
+            "MCP tools/call requests, by server (ns/name), tool, decision (allow, deny, rate_limited) and outcome.",
+            ["server", "tool", "decision", "outcome"],
+            registry=r,
+        )
+        self.mcp_tool_call_latency = Histogram(
+            "kars_mcp_tool_call_duration_seconds",
+            "Time from a tools/call reaching the router to its response, by server and tool.",
+            ["server", "tool"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.mcp_sessions = Gauge(
+            "kars_mcp_sessions",
+            "MCP client sessions open, by client transport (streamable, sse).",
+            ["transport"],
+            registry=r,
+        )

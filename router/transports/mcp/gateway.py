@@ -1,0 +1,356 @@
+"""The MCP gateway: resolves ``{server}`` for the caller, applies tool policy, pumps messages.
+
+Both client transports (``streamable``, ``sse``) call into one ``Gateway``: it opens a
+session (server lookup in the caller's own namespace, ``allowedSandboxes``, the per-principal
+cap, then the upstream session), dispatches the client's messages (policy first: a denied or
+rate-limited ``tools/call`` is answered here and never reaches the upstream), and moves the
+upstream's messages onto the right client stream, filtering ``tools/list`` and writing the
+audit record of each ``tools/call`` on the way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from router import _asgi, errors
+from router.identity import principal as principal_mod
+from router.observability import metrics as metrics_mod
+from router.policy import model
+from router.policy import store as store_mod
+from router.settings import McpSettings
+from router.transports.mcp import _wire, policy, sessions, upstream
+from router.upstream import http
+
+log = logging.getLogger("kars.mcp")
+audit_log = logging.getLogger("kars.audit")
+
+LOOPBACK_ORIGINS = ("http://localhost:*", "http://127.0.0.1:*", "http://[::1]:*")
+KEEP_FINISHED_STREAMS = 32  # closed request streams kept per session for Last-Event-ID replay
+
+
+def _origin_allowed(origin: str, patterns: tuple[str, ...]) -> bool:
+    for pattern in patterns:
+        if pattern == origin:
+            return True
+        if pattern.endswith(":*"):
+            base = pattern[:-2]
+            if origin == base or (origin.startswith(base + ":") and origin[len(base) + 1 :].isdigit()):
+                return True
+    return False
+
+
+class Gateway:
+    def __init__(self, settings: McpSettings, store: store_mod.PolicyStore, metrics: metrics_mod.Metrics) -> None:
+        self.settings = settings
+        self._store = store
+        self._metrics = metrics
+        self.pool = upstream.Pool(
+            http.Timeouts(connect_s=settings.upstream_connect_timeout_s, read_s=settings.upstream_read_timeout_s)
+        )
+        self.table = sessions.Table(
+            max_per_principal=settings.max_sessions_per_principal, idle_timeout_s=settings.session_idle_timeout_s
+        )
+        self.limiters = policy.Limiters()
+        self._origins = (*LOOPBACK_ORIGINS, *settings.allowed_origins)
+        self._reaper: asyncio.Task[None] | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._reaper = asyncio.create_task(self._reap(), name="kars-mcp-reaper")
+
+    async def aclose(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            await asyncio.gather(self._reaper, return_exceptions=True)
+        for session in self.table.all():
+            await self.end(session, "router shutting down")
+        await self.pool.aclose()
+
+    async def _reap(self) -> None:
+        period = min(max(self.settings.session_idle_timeout_s / 4, 0.05), 30.0)
+        while True:
+            await asyncio.sleep(period)
+            for session in self.table.idle(time.monotonic()):
+                await self.end(session, "idle")
+
+    # -- admission ----------------------------------------------------------------------------
+
+    def check_origin(self, scope: Any) -> None:
+        """Streamable HTTP 2025-11-25 "Security Warning": a present, unknown Origin is a 403."""
+        raw = _asgi.header(scope, b"origin")
+        if raw is not None and not _origin_allowed(raw.decode("latin-1"), self._origins):
+            raise errors.Forbidden("Origin not allowed for MCP", code="origin_not_allowed")
+
+    @staticmethod
+    def principal(scope: Any) -> principal_mod.Principal:
+        who = _asgi.state(scope).get(_asgi.PRINCIPAL)
+        if who is None:
+            raise errors.Unauthenticated("no principal", code="missing_credentials")
+        return who  # type: ignore[no-any-return]
+
+    def _gate(self, who: principal_mod.Principal, name: str) -> tuple[model.McpServer, policy.Gate, int]:
+        snapshot = self._store.snapshot
+        server = snapshot.mcp_server(who.namespace, name) if who.namespace else None
+        if server is None:
+            raise errors.NotFound(f"no MCP server {name!r} in namespace {who.namespace!r}")
+        labels = snapshot.sandbox_labels(who.namespace, who.name)
+        selector = server.spec.allowed_sandboxes
+        if selector is not None and not policy.labels_match(selector.match_labels, labels):
+            raise errors.Forbidden(f"{who.id} is not in McpServer {who.namespace}/{name} allowedSandboxes")
+        gate = policy.Gate(server, snapshot.tool_policies(who.namespace, name), labels)
+        return server, gate, snapshot.generation
+
+    async def _bearer(self, server: model.McpServer) -> str | None:
+        secret = server.spec.auth.bearer_from_secret if server.spec.auth else None
+        if not secret:
+            return None
+        base = self.settings.secrets_dir
+        if base is None or "/" in secret or secret.startswith("."):
+            raise errors.ServiceUnavailable(
+                f"McpServer {server.namespace}/{server.name}: secret {secret!r} not available (mcp.secretsDir)",
+                code="upstream_not_configured",
+            )
+        path = Path(base) / secret
+        try:
+            value = await asyncio.to_thread(path.read_text, encoding="utf-8")
+        except OSError as exc:
+            raise errors.ServiceUnavailable(
+                f"McpServer {server.namespace}/{server.name}: cannot read secret {secret!r}",
+                code="upstream_not_configured",
+            ) from exc
+        return value.strip() or None
+
+    async def open(self, scope: Any, name: str, kind: sessions.ClientKind) -> sessions.Session:
+        """A new session for the caller, its upstream session already connected (legacy SSE)."""
+        who = self.principal(scope)
+        server, gate, generation = self._gate(who, name)
+        self.table.check_capacity(who.id)
+        bearer = await self._bearer(server)
+        link: upstream.Upstream
+        if server.spec.transport == "sse":
+            link = upstream.SseUpstream(self.pool, server.spec.url, bearer)
+            await link.start()
+        else:
+            link = upstream.StreamableUpstream(self.pool, server.spec.url, bearer)
+        session = sessions.Session(
+            principal=who.id,
+            server=(who.namespace, name),
+            kind=kind,
+            gate=gate,
+            generation=generation,
+            link=link,
+            replay_limit=self.settings.replay_events,
+        )
+        try:
+            self.table.add(session)
+        except errors.KarsError:
+            await link.close()
+            raise
+        self._metrics.mcp_sessions.labels(kind).inc()
+        return session
+
+    def find(self, scope: Any, name: str, session_id: str) -> sessions.Session:
+        who = self.principal(scope)
+        return self.table.get(session_id, who.id, (who.namespace, name))
+
+    async def end(self, session: sessions.Session, reason: str) -> None:
+        """End the client session and its upstream session; every stream of it closes."""
+        if not self.table.remove(session):
+            return
+        session.ended = True
+        self._metrics.mcp_sessions.labels(session.kind).dec()
+        for request_id, stream in list(session.pending.items()):
+            lost = _wire.error(request_id, _wire.UPSTREAM_LOST, f"MCP session ended ({reason}) before the response")
+            self._deliver(session, lost, stream)
+        log.info("mcp session ended", extra={"fields": {"session_end": reason, "principal": session.principal}})
+        for stream in session.streams.values():
+            stream.close()
+        current = asyncio.current_task()
+        for task in list(session.tasks):
+            if task is not current:
+                task.cancel()
+        await session.upstream.close()
+
+    # -- dispatch -----------------------------------------------------------------------------
+
+    async def dispatch(self, session: sessions.Session, message: dict[str, Any], raw: bytes, target: Any) -> None:
+        """Handle one client message; replies to requests go to stream ``target``."""
+        session.touch()
+        if not _wire.is_request(message):
+            try:
+                await session.upstream.send(raw)
+            except upstream.Gone as exc:
+                await self.end(session, f"upstream gone: {exc}")
+                raise errors.NotFound("MCP session ended: the upstream session is gone") from exc
+            if message.get("method") == "notifications/initialized" and not session.listening:
+                session.listening = True
+                session.spawn(self._listen(session), "kars-mcp-listen")
+            return
+        method = message.get("method")
+        request_id = message.get("id")
+        if method == "tools/call" and not await self._admit_call(session, message, target):
+            return
+        if method == "tools/list":
+            session.lists.add(request_id)
+        elif method == "initialize":
+            session.initialize_ids.add(request_id)
+        target.open_requests += 1
+        session.pending[request_id] = target
+        session.busy += 1
+        session.spawn(self._pump(session, message, raw, target), "kars-mcp-pump")
+
+    async def _admit_call(self, session: sessions.Session, message: dict[str, Any], target: Any) -> bool:
+        params = message.get("params")
+        tool = str(params.get("name")) if isinstance(params, dict) else ""
+        snapshot = self._store.snapshot
+        if snapshot.generation != session.generation:
+            self._refresh_gate(session)
+        decision = session.gate.decide(tool)
+        request_id = message.get("id")
+        started = time.perf_counter()
+        if not decision.allowed:
+            target.push(
+                _wire.dumps(_wire.error(request_id, _wire.TOOL_DENIED, f"tool {tool!r} denied by {decision.policy}"))
+            )
+            self._audit(session, tool, "deny", decision.policy, started, "denied", params)
+            return False
+        if decision.rate_limit is not None:
+            retry_s = await self.limiters.try_acquire(decision.policy, tool, session.principal, decision.rate_limit)
+            if retry_s is not None:
+                retry_ms = max(1, round(retry_s * 1000))
+                target.push(
+                    _wire.dumps(
+                        _wire.error(
+                            request_id,
+                            _wire.TOOL_RATE_LIMITED,
+                            f"tool {tool!r} rate limited by {decision.policy}; retry after {retry_ms} ms",
+                            {"retryAfterMs": retry_ms},
+                        )
+                    )
+                )
+                self._audit(session, tool, "rate_limited", decision.policy, started, "rate_limited", params)
+                return False
+        session.calls[request_id] = sessions.Call(tool, started, decision, params)
+        return True
+
+    def _refresh_gate(self, session: sessions.Session) -> None:
+        """Policy changed since the session opened: decide with the new snapshot."""
+        snapshot = self._store.snapshot
+        ns, name = session.server
+        server = snapshot.mcp_server(ns, name)
+        labels = snapshot.sandbox_labels(ns, session.principal.partition("/")[2])
+        selector = server.spec.allowed_sandboxes if server is not None else None
+        if server is None or (selector is not None and not policy.labels_match(selector.match_labels, labels)):
+            gone = model.McpServer.model_validate(
+                {
+                    "apiVersion": "kars.azure.com/v1alpha1",
+                    "kind": "McpServer",
+                    "metadata": {"name": name, "namespace": ns},
+                    "spec": {"url": "http://removed.invalid/", "allowedTools": []},
+                }
+            )
+            session.gate = policy.Gate(gone, (), labels)
+        else:
+            session.gate = policy.Gate(server, snapshot.tool_policies(ns, name), labels)
+        session.generation = snapshot.generation
+
+    async def _pump(self, session: sessions.Session, message: dict[str, Any], raw: bytes, target: Any) -> None:
+        request_id = message.get("id")
+        try:
+            async for item in session.upstream.request(message, raw):
+                self._deliver(session, item, target)
+            if request_id in session.pending:
+                # The stream ended without the response (the connection dropped): the request
+                # is lost upstream, so the session cannot be trusted to be in step any more.
+                raise upstream.Gone("upstream stream ended before the response")
+        except upstream.Gone as exc:
+            await self.end(session, f"upstream gone: {exc}")  # answers every pending request
+        except errors.KarsError as exc:
+            if request_id in session.pending:
+                self._deliver(session, _wire.error(request_id, _wire.INTERNAL_ERROR, exc.message), target)
+        finally:
+            session.pending.pop(request_id, None)
+            target.open_requests -= 1
+            session.busy -= 1
+            session.touch()
+            if target.number and target.open_requests <= 0:
+                target.close()
+                session.drop_finished_streams(KEEP_FINISHED_STREAMS)
+
+    def _deliver(self, session: sessions.Session, item: dict[str, Any], target: Any) -> None:
+        if _wire.is_response(item):
+            rid = item.get("id")
+            session.pending.pop(rid, None)
+            if rid in session.lists:
+                session.lists.discard(rid)
+                if "result" in item:
+                    item["result"] = session.gate.filter_tools(item["result"])
+            elif rid in session.initialize_ids:
+                session.initialize_ids.discard(rid)
+                result = item.get("result")
+                if isinstance(result, dict) and isinstance(result.get("protocolVersion"), str):
+                    session.upstream.protocol_version = result["protocolVersion"]
+            call = session.calls.pop(rid, None)
+            if call is not None:
+                outcome = "error" if "error" in item else "tool_error" if _is_tool_error(item) else "ok"
+                error = item.get("error")
+                if isinstance(error, dict) and error.get("code") == _wire.UPSTREAM_LOST:
+                    outcome = "upstream_lost"
+                self._audit(session, call.tool, "allow", call.decision.policy, call.started, outcome, call.params)
+        target.push(_wire.dumps(item))
+
+    async def _listen(self, session: sessions.Session) -> None:
+        try:
+            async for item in session.upstream.listen():
+                session.main.push(_wire.dumps(item))
+        except upstream.Gone as exc:
+            await self.end(session, f"upstream gone: {exc}")
+
+    def _audit(
+        self,
+        session: sessions.Session,
+        tool: str,
+        decision: str,
+        policy_name: str,
+        started: float,
+        outcome: str,
+        params: Any,
+    ) -> None:
+        server = f"{session.server[0]}/{session.server[1]}"
+        latency_s = time.perf_counter() - started
+        self._metrics.mcp_tool_calls.labels(server, tool, decision, outcome).inc()
+        if decision == "allow":
+            self._metrics.mcp_tool_call_latency.labels(server, tool).observe(latency_s)
+        arguments = params.get("arguments") if isinstance(params, dict) else None
+        record: dict[str, Any] = {
+            "event": "mcp.tools_call",
+            "principal": session.principal,
+            "server": server,
+            "tool": tool,
+            "decision": decision,
+            "policy": policy_name,
+            "latency_ms": round(latency_s * 1000, 3),
+            "outcome": outcome,
+            "argument_names": sorted(arguments) if isinstance(arguments, dict) else [],
+        }
+        if self.settings.audit_arguments:
+            record["arguments"] = arguments
+        audit_log.info("tools/call", extra={"fields": record})
+
+
+def _is_tool_error(item: dict[str, Any]) -> bool:
+    result = item.get("result")
+    return isinstance(result, dict) and result.get("isError") is True
+
+
+async def wait_disconnect(receive: Any) -> None:
+    """Returns when the client goes away (ASGI ``http.disconnect``)."""
+    with contextlib.suppress(Exception):
+        while (await receive())["type"] != "http.disconnect":
+            pass

@@ -1,0 +1,205 @@
+"""Client sessions: identity binding, per-principal caps, idle expiry, and replayable streams.
+
+A ``Session`` pairs one client session with one upstream session (1:1). What the router sends
+the client goes through ``Stream`` objects: stream 0 is the session's standalone stream (the
+Streamable HTTP GET stream, or the legacy SSE connection); each Streamable HTTP POST that
+carries requests gets a stream of its own. Every event is numbered ``"<stream>.<seq>"`` and the
+last ``replay_limit`` events of a stream are kept, so a client that lost its connection
+resumes with ``Last-Event-ID`` (Streamable HTTP, "Resumability and Redelivery").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from router import errors
+from router.transports.mcp import _wire, policy, upstream
+
+ClientKind = Literal["streamable", "sse"]
+
+
+class Stream:
+    """An append-only, bounded log of SSE events with any number of waiting readers."""
+
+    def __init__(self, number: int, replay_limit: int) -> None:
+        self.number = number
+        self.seq = 0
+        self.delivered = 0  # highest seq a reader has taken
+        self.closed = False
+        self.attached = False
+        self.open_requests = 0  # responses still owed on this stream
+        self._events: collections.deque[bytes] = collections.deque(maxlen=replay_limit)
+        self._changed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def push(self, data: str, *, with_id: bool = True) -> None:
+        self.seq += 1
+        event_id = f"{self.number}.{self.seq}" if with_id else None
+        self._events.append(_wire.sse_event(data, event_id=event_id))
+        self._wake()
+
+    def close(self) -> None:
+        self.closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if not self._changed.done():
+            self._changed.set_result(None)
+        self._changed = asyncio.get_running_loop().create_future()
+
+    async def follow(self, after: int, idle_s: float, stop: asyncio.Future[Any]) -> AsyncIterator[bytes | None]:
+        """Events after seq ``after`` as they come, until closed or ``stop`` is done;
+        ``None`` after ``idle_s`` without an event (time for a keep-alive comment)."""
+        cursor = after
+        while True:
+            first = self.seq - len(self._events) + 1
+            if cursor < self.seq:
+                start = max(cursor + 1, first)
+                for i in range(start - first, len(self._events)):
+                    yield self._events[i]
+                cursor = self.seq
+                self.delivered = max(self.delivered, cursor)
+                continue
+            if self.closed:
+                return
+            if stop.done():
+                return
+            done, _ = await asyncio.wait((self._changed, stop), timeout=idle_s, return_when=asyncio.FIRST_COMPLETED)
+            if stop in done:
+                return
+            if not done:
+                yield None
+
+
+@dataclasses.dataclass(slots=True)
+class Call:
+    tool: str
+    started: float
+    decision: policy.Decision
+    params: Any
+
+
+class Session:
+    def __init__(
+        self,
+        *,
+        principal: str,
+        server: tuple[str, str],
+        kind: ClientKind,
+        gate: policy.Gate,
+        generation: int,
+        link: upstream.Upstream,
+        replay_limit: int,
+    ) -> None:
+        self.id = secrets.token_urlsafe(24)
+        self.principal = principal
+        self.server = server
+        self.kind = kind
+        self.gate = gate
+        self.generation = generation
+        self.upstream = link
+        self._replay_limit = replay_limit
+        self.streams: dict[int, Stream] = {0: Stream(0, replay_limit)}
+        self._next_stream = 1
+        self.calls: dict[Any, Call] = {}
+        self.pending: dict[Any, Stream] = {}  # request id -> the stream its response goes to
+        self.lists: set[Any] = set()  # ids of tools/list requests in flight
+        self.initialize_ids: set[Any] = set()
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.last_active = time.monotonic()
+        self.busy = 0
+        self.ended = False
+        self.listening = False
+
+    @property
+    def main(self) -> Stream:
+        return self.streams[0]
+
+    def new_stream(self) -> Stream:
+        stream = Stream(self._next_stream, self._replay_limit)
+        self.streams[stream.number] = stream
+        self._next_stream += 1
+        return stream
+
+    def drop_finished_streams(self, keep: int) -> None:
+        """Forget closed request streams beyond the newest ``keep`` (bounded memory)."""
+        finished = [n for n, s in self.streams.items() if n and s.closed and not s.attached]
+        for n in finished[:-keep] if keep else finished:
+            del self.streams[n]
+
+    def spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def touch(self) -> None:
+        self.last_active = time.monotonic()
+
+
+class Table:
+    """Live sessions by id; a session is visible only to the principal that opened it."""
+
+    def __init__(self, *, max_per_principal: int, idle_timeout_s: float) -> None:
+        self._sessions: dict[str, Session] = {}
+        self._per_principal: collections.Counter[str] = collections.Counter()
+        self.max_per_principal = max_per_principal
+        self.idle_timeout_s = idle_timeout_s
+        self._watchers: list[asyncio.Future[None]] = []
+
+    def _changed(self) -> None:
+        for watcher in self._watchers:
+            if not watcher.done():
+                watcher.set_result(None)
+        self._watchers.clear()
+
+    async def wait_size(self, size: int) -> None:
+        """Return once exactly ``size`` sessions are open (tests and shutdown wait on this)."""
+        while len(self._sessions) != size:
+            watcher = asyncio.get_running_loop().create_future()
+            self._watchers.append(watcher)
+            await watcher
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def check_capacity(self, principal: str) -> None:
+        if self._per_principal[principal] >= self.max_per_principal:
+            raise errors.TooManyRequests(
+                f"{principal} already has {self.max_per_principal} MCP sessions open; end one first",
+                code="too_many_sessions",
+            )
+
+    def add(self, session: Session) -> None:
+        self.check_capacity(session.principal)
+        self._sessions[session.id] = session
+        self._per_principal[session.principal] += 1
+        self._changed()
+
+    def get(self, session_id: str, principal: str, server: tuple[str, str]) -> Session:
+        """The caller's own session; anyone else's, or an ended one, does not exist (404)."""
+        session = self._sessions.get(session_id)
+        if session is None or session.principal != principal or session.server != server or session.ended:
+            raise errors.NotFound("MCP session not found; it may have expired: initialize a new one")
+        session.touch()
+        return session
+
+    def remove(self, session: Session) -> bool:
+        if self._sessions.pop(session.id, None) is None:
+            return False
+        self._per_principal[session.principal] -= 1
+        if self._per_principal[session.principal] <= 0:
+            del self._per_principal[session.principal]
+        self._changed()
+        return True
+
+    def idle(self, now: float) -> list[Session]:
+        limit = now - self.idle_timeout_s
+        return [s for s in self._sessions.values() if s.busy == 0 and s.last_active < limit]
+
+    def all(self) -> list[Session]:
+        return list(self._sessions.values())

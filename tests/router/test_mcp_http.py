@@ -1,0 +1,279 @@
+"""The MCP routes at the HTTP level: every status code of the spec, session binding, policy, failure.
+
+Raw JSON-RPC over httpx against the router fronting a real ``mcp`` SDK server, so each header
+and status is checked exactly (the SDK client hides them).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import httpx_sse
+import pytest
+
+from tests.router import mcp_support as ms
+from tests.support import servers
+
+VERSION = "2025-11-25"
+ACCEPT_BOTH = "application/json, text/event-stream"
+INIT = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {"protocolVersion": VERSION, "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}},
+}
+
+
+@pytest.fixture
+def upstream() -> Iterator[tuple[servers.ServerThread, str]]:
+    with ms.upstream_server("streamable-http") as pair:
+        yield pair
+
+
+@pytest.fixture
+def start(
+    upstream: tuple[servers.ServerThread, str], router_server: Callable[..., Any], policy_dir: Path
+) -> Callable[..., Any]:
+    """``start(*extra_docs, **settings)``: the router with McpServer ``tools`` (+ docs) in team-a."""
+
+    def run(*docs: str, **tree: Any) -> Any:
+        ms.write_policy(policy_dir, ms.mcp_server_doc("tools", upstream[1], "streamable-http"), *docs)
+        return router_server(**tree)
+
+    return run
+
+
+def headers(router: Any, sandbox: str = ms.SANDBOX, **extra: str) -> dict[str, str]:
+    return {
+        "authorization": f"Bearer {ms.token(router, sandbox)}",
+        "accept": ACCEPT_BOTH,
+        "content-type": "application/json",
+        **extra,
+    }
+
+
+def sse_messages(resp: httpx.Response) -> list[dict[str, Any]]:
+    assert resp.headers["content-type"].startswith("text/event-stream")
+    return [json.loads(e.data) for e in httpx_sse.EventSource(resp).iter_sse() if e.event == "message"]
+
+
+def initialize(router: Any, sandbox: str = ms.SANDBOX) -> str:
+    url = f"{router.url}/mcp/tools"
+    resp = httpx.post(url, json=INIT, headers=headers(router, sandbox), timeout=10)
+    assert resp.status_code == 200, resp.text
+    assert sse_messages(resp)[0]["result"]["protocolVersion"] == VERSION
+    session = resp.headers["mcp-session-id"]
+    done = httpx.post(
+        url,
+        json={"jsonrpc": "2.0", "method": "notifications/initialized"},
+        headers=headers(router, sandbox, **{"mcp-session-id": session, "mcp-protocol-version": VERSION}),
+        timeout=10,
+    )
+    assert done.status_code == 202 and done.content == b""
+    return session
+
+
+def call(router: Any, session: str, tool: str, args: dict[str, Any], *, rid: int = 7, **kw: str) -> httpx.Response:
+    body = {"jsonrpc": "2.0", "id": rid, "method": "tools/call", "params": {"name": tool, "arguments": args}}
+    hdrs = headers(router, **{"mcp-session-id": session, "mcp-protocol-version": VERSION, **kw})
+    return httpx.post(f"{router.url}/mcp/tools", json=body, headers=hdrs, timeout=10)
+
+
+def test_status_codes(start: Callable[..., Any]) -> None:
+    router = start()
+    url = f"{router.url}/mcp/tools"
+    session = initialize(router)
+    with_session = {"mcp-session-id": session, "mcp-protocol-version": VERSION}
+    ping = {"jsonrpc": "2.0", "id": 2, "method": "ping"}
+
+    ok = httpx.post(url, json=ping, headers=headers(router, **with_session))
+    assert ok.status_code == 200 and sse_messages(ok) == [{"jsonrpc": "2.0", "id": 2, "result": {}}]
+
+    cases: list[tuple[str, dict[str, str], Any, int]] = [
+        ("POST", {"accept": "application/json"}, ping, 406),
+        ("POST", {"accept": "text/event-stream"}, ping, 406),
+        ("GET", {"accept": "application/json"}, None, 406),
+        ("POST", {"content-type": "text/plain"}, ping, 415),
+        ("POST", {"mcp-session-id": ""}, ping, 400),  # no session id after initialize
+        ("POST", {"mcp-protocol-version": "2099-01-01"}, ping, 400),
+        ("POST", {}, {"not": "json-rpc"}, 400),
+        ("POST", {"mcp-session-id": "forged-or-expired"}, ping, 404),
+        ("PUT", {}, ping, 405),
+        ("POST", {"origin": "http://evil.example"}, ping, 403),
+    ]
+    for method, extra, body, status in cases:
+        hdrs = {k: v for k, v in {**headers(router, **with_session), **extra}.items() if v}
+        resp = httpx.request(method, url, json=body, headers=hdrs, timeout=10)
+        assert resp.status_code == status, (method, extra, resp.status_code, resp.text)
+        if status == 405:
+            assert resp.headers["allow"] == "GET, POST, DELETE"
+    broken = httpx.post(url, content=b"{nope", headers=headers(router, **with_session))
+    assert broken.status_code == 400
+
+    loopback = httpx.post(url, json=ping, headers=headers(router, origin="http://localhost:3000", **with_session))
+    assert loopback.status_code == 200  # loopback origins are allowed by default
+
+    note = {"jsonrpc": "2.0", "method": "notifications/roots/list_changed"}
+    assert httpx.post(url, json=note, headers=headers(router, **with_session)).status_code == 202
+
+    gone = httpx.delete(url, headers=headers(router, **with_session))
+    assert gone.status_code == 200
+    assert httpx.post(url, json=ping, headers=headers(router, **with_session)).status_code == 404
+    assert len(router.app.state.kars.mcp.table) == 0
+
+
+def test_server_names_resolve_in_the_callers_namespace_only(start: Callable[..., Any], upstream: Any) -> None:
+    router = start(ms.mcp_server_doc("theirs", upstream[1], "streamable-http", namespace="team-b"))
+    assert httpx.post(f"{router.url}/mcp/theirs", json=INIT, headers=headers(router)).status_code == 404
+    assert httpx.post(f"{router.url}/mcp/nothing", json=INIT, headers=headers(router)).status_code == 404
+    assert httpx.get(f"{router.url}/mcp/nothing/sse", headers=headers(router)).status_code == 404
+
+
+def test_a_session_belongs_to_the_principal_that_opened_it(start: Callable[..., Any]) -> None:
+    router = start()
+    session = initialize(router)
+    for thief in ("team-a/other", "team-b/agent"):
+        hdrs = headers(router, thief, **{"mcp-session-id": session, "mcp-protocol-version": VERSION})
+        body = {"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "echo", "arguments": {}}}
+        assert httpx.post(f"{router.url}/mcp/tools", json=body, headers=hdrs).status_code == 404
+        assert httpx.get(f"{router.url}/mcp/tools", headers=hdrs).status_code == 404
+        assert httpx.delete(f"{router.url}/mcp/tools", headers=hdrs).status_code == 404
+        legacy = httpx.post(f"{router.url}/mcp/tools/messages?sessionId={session}", json=body, headers=hdrs)
+        assert legacy.status_code == 404
+    # the owner still has it
+    assert sse_messages(call(router, session, "echo", {"text": "mine"}))[0]["result"]["content"][0]["text"] == "mine"
+
+
+def test_denied_and_rate_limited_tools(start: Callable[..., Any]) -> None:
+    router = start(
+        ms.tool_policy_doc("no-secret", "appliesTo: {mcpServer: tools, tool: secret}\ndecision: deny\n"),
+        ms.tool_policy_doc(
+            "slow-echo", "appliesTo: {mcpServer: tools, tool: echo}\ndecision: allow\nrateLimit: {rps: 0.5, burst: 2}\n"
+        ),
+    )
+    session = initialize(router)
+    denied = sse_messages(call(router, session, "secret", {}))
+    assert denied[0]["error"]["code"] == -32001
+    assert "ToolPolicy team-a/no-secret" in denied[0]["error"]["message"]
+    results = [sse_messages(call(router, session, "echo", {"text": str(i)}, rid=10 + i))[0] for i in range(3)]
+    assert [r.get("result", {}).get("content", [{}])[0].get("text") for r in results[:2]] == ["0", "1"]
+    limited = results[2]["error"]
+    assert limited["code"] == -32005 and limited["data"]["retryAfterMs"] == 2000
+    assert "retry after" in limited["message"]
+    # the session stays open after both refusals
+    assert "result" in sse_messages(call(router, session, "bearer", {}))[0]
+
+
+def test_allowed_tools_empty_means_none(start: Callable[..., Any], upstream: Any, policy_dir: Path) -> None:
+    router = start()
+    ms.write_policy(policy_dir, ms.mcp_server_doc("tools", upstream[1], "streamable-http", "allowedTools: []\n"))
+    router.call(router.app.state.kars.policy.reload())
+    session = initialize(router)
+    listed = httpx.post(
+        f"{router.url}/mcp/tools",
+        json={"jsonrpc": "2.0", "id": 5, "method": "tools/list"},
+        headers=headers(router, **{"mcp-session-id": session}),
+    )
+    assert sse_messages(listed)[0]["result"]["tools"] == []
+    refused = sse_messages(call(router, session, "echo", {"text": "x"}))[0]["error"]
+    assert refused["code"] == -32001 and "allowedTools" in refused["message"]
+
+
+def test_allowed_sandboxes_checked_before_any_upstream_contact(
+    router_server: Callable[..., Any], policy_dir: Path
+) -> None:
+    dead = f"http://127.0.0.1:{servers.free_port()}/mcp"  # nothing listens: contact would be a 502
+    sandbox = (
+        "apiVersion: kars.azure.com/v1alpha1\nkind: KarsSandbox\n"
+        "metadata: {name: agent, namespace: team-a, labels: {tier: gold}}\nspec: {image: busybox}\n"
+    )
+    ms.write_policy(
+        policy_dir, sandbox, ms.mcp_server_doc("tools", dead, "sse", "allowedSandboxes: {matchLabels: {tier: gold}}\n")
+    )
+    router = router_server()
+    refused = httpx.get(f"{router.url}/mcp/tools/sse", headers=headers(router, "team-a/other"))
+    assert refused.status_code == 403
+    refused = httpx.post(f"{router.url}/mcp/tools", json=INIT, headers=headers(router, "team-a/other"))
+    assert refused.status_code == 403
+    allowed = httpx.get(f"{router.url}/mcp/tools/sse", headers=headers(router))
+    assert allowed.status_code == 502  # the gold sandbox passes the gate and reaches the (dead) upstream
+
+
+def test_last_event_id_resumes_a_broken_stream(start: Callable[..., Any]) -> None:
+    router = start()
+    session = initialize(router)
+    body = {
+        "jsonrpc": "2.0",
+        "id": 9,
+        "method": "tools/call",
+        "params": {"name": "count", "arguments": {"n": 3}, "_meta": {"progressToken": "p"}},
+    }
+    hdrs = headers(router, **{"mcp-session-id": session, "mcp-protocol-version": VERSION})
+    with (
+        httpx.Client(timeout=10) as client,
+        httpx_sse.connect_sse(client, "POST", f"{router.url}/mcp/tools", json=body, headers=hdrs) as source,
+    ):
+        first = next(e for e in source.iter_sse() if e.event == "message")  # then drop the connection
+    assert json.loads(first.data)["method"] == "notifications/progress"
+    hdrs = headers(router, **{"mcp-session-id": session, "last-event-id": first.id})
+    resumed = httpx.get(f"{router.url}/mcp/tools", headers=hdrs, timeout=10)
+    rest = sse_messages(resumed)
+    assert [m.get("params", {}).get("progress") for m in rest[:-1]] == [2, 3]
+    assert rest[-1]["id"] == 9 and rest[-1]["result"]["content"][0]["text"] == "counted 3"
+    unknown = httpx.get(f"{router.url}/mcp/tools", headers={**hdrs, "last-event-id": "99.1"})
+    assert unknown.status_code == 404
+
+
+def test_second_get_stream_is_a_conflict(start: Callable[..., Any]) -> None:
+    router = start(mcp={"keepAliveS": 0.05})
+    session = initialize(router)
+    hdrs = headers(router, **{"mcp-session-id": session})
+    with (
+        httpx.Client(timeout=10) as client,
+        client.stream("GET", f"{router.url}/mcp/tools", headers=hdrs) as first,
+    ):
+        assert first.status_code == 200
+        chunks = first.iter_raw()  # held: a dropped iterator would close the stream
+        assert next(chunks).startswith(b": keep-alive")  # idle streams get keep-alive comments
+        assert client.get(f"{router.url}/mcp/tools", headers=hdrs).status_code == 409
+
+
+def test_session_cap_and_idle_expiry(start: Callable[..., Any]) -> None:
+    router = start(mcp={"maxSessionsPerPrincipal": 1, "sessionIdleTimeoutS": 0.3})
+    session = initialize(router)
+    again = httpx.post(f"{router.url}/mcp/tools", json=INIT, headers=headers(router))
+    assert again.status_code == 429 and again.json()["error"]["code"] == "too_many_sessions"
+    assert initialize(router, "team-a/other")  # the cap is per principal
+    router.call(router.app.state.kars.mcp.table.wait_size(0), timeout=5)  # the reaper ended both
+    assert call(router, session, "echo", {"text": "late"}).status_code == 404
+    assert initialize(router)  # a new session after expiry
+
+
+def test_upstream_killed_mid_call_ends_the_session_cleanly(router_server: Callable[..., Any], policy_dir: Path) -> None:
+    port = servers.free_port()
+    upstream = servers.ServerThread(ms.build_upstream().streamable_http_app(), port=port)
+    upstream.start_and_wait()
+    ms.write_policy(policy_dir, ms.mcp_server_doc("tools", f"{upstream.url}/mcp", "streamable-http"))
+    router = router_server()
+    session = initialize(router)
+    body = {"jsonrpc": "2.0", "id": 4, "method": "tools/call", "params": {"name": "hang", "arguments": {}}}
+    hdrs = headers(router, **{"mcp-session-id": session, "mcp-protocol-version": VERSION})
+    with (
+        httpx.Client(timeout=10) as client,
+        client.stream("POST", f"{router.url}/mcp/tools", json=body, headers=hdrs) as pending,
+    ):
+        assert pending.status_code == 200
+        ms.kill(upstream)  # while the call is in flight
+        lost = [json.loads(e.data) for e in httpx_sse.EventSource(pending).iter_sse()]
+    assert lost[-1]["id"] == 4 and lost[-1]["error"]["code"] == -32006
+    assert call(router, session, "echo", {"text": "x"}).status_code == 404  # the client re-initializes
+    with ms.upstream_server("streamable-http") as (_srv, url):
+        ms.write_policy(policy_dir, ms.mcp_server_doc("tools", url, "streamable-http"))
+        router.call(router.app.state.kars.policy.reload())
+        fresh = initialize(router)
+        assert sse_messages(call(router, fresh, "echo", {"text": "back"}))[0]["result"]["content"][0]["text"] == "back"
+        assert httpx.delete(f"{router.url}/mcp/tools", headers=headers(router, **{"mcp-session-id": fresh})).is_success
