@@ -20,6 +20,7 @@ from router.identity.principal import Principal
 from router.observability import metrics as metrics_mod
 from router.policy import store as policy_store
 from router.safety import guard, providers, texts, verdict
+from router.safety import judge as judge_mod
 
 CHECKED_ACTIONS = frozenset({"chat", "responses", "image"})
 
@@ -49,7 +50,7 @@ class ContentSafetyMiddleware:
             return await self.app(scope, receive, send)
         st = _asgi.state(scope)
         ceilings = self._ceilings(st, route.action)
-        judge = guard.Judge(self._safety, ceilings, self._metrics, st.setdefault(_asgi.LOG_FIELDS, {}))
+        judge = judge_mod.Judge(self._safety, ceilings, self._metrics, st.setdefault(_asgi.LOG_FIELDS, {}))
         doc = await _body.read_json(scope, receive)
         await judge.check_prompt(texts.prompt_of(route.action, doc))
         out = guard.OutputGuard(send, judge)

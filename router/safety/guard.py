@@ -1,9 +1,4 @@
-"""One request's content-safety decisions: the prompt before forwarding, the output as it passes.
-
-``Judge`` holds the request's effective ceilings and turns findings into a decision (block ->
-400 ``content_filter`` in Azure's shape, SPEC.md §3; a provider down -> 503
-``content_safety_unavailable`` unless failOpen applies), counting it in the metrics and the
-access-log field ``safety``. ``OutputGuard`` wraps the transport's ``send``:
+"""The output of one request, checked as it passes: ``OutputGuard`` wraps the transport's ``send``.
 
 - a 2xx JSON reply (the transport sends it whole, up to 4 MiB) is held and checked before any of
   it goes out; a blocked one becomes the error instead (a larger reply streams on unchecked);
@@ -19,25 +14,18 @@ access-log field ``safety``. ``OutputGuard`` wraps the transport's ``send``:
 
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from starlette.types import Message, Send
 
 from router import errors
-from router.observability import metrics as metrics_mod
 from router.safety import foundry, providers, texts, verdict
+from router.safety import judge as judge_mod
 from router.transports import _sse
 
-log = logging.getLogger("kars.safety")
-
-LOG_FIELD = "safety"  # access-log field: passed | blocked | fail_open | unavailable
 MAX_ERROR_BYTES = 64 * 1024  # of an upstream error reply, kept to read its content-filter result
-PROMPT_MESSAGE = "The prompt was filtered by the content-safety policy ({}). Please modify your prompt and retry."
-OUTPUT_MESSAGE = "The model output was filtered by the content-safety policy ({})."
 
 
 class Blocked(Exception):
@@ -47,97 +35,6 @@ class Blocked(Exception):
         super().__init__(error.message)
         self.error = error
         self.answered = answered
-
-
-class Judge:
-    def __init__(
-        self,
-        safety: providers.Safety,
-        ceilings: verdict.Ceilings,
-        metrics: metrics_mod.Metrics,
-        fields: dict[str, Any],
-    ) -> None:
-        self.providers = safety.providers
-        self.ceilings = ceilings
-        self._metrics = metrics
-        self._fields = fields
-
-    async def check_prompt(self, prompt: texts.Prompt) -> None:
-        """Raise the refusal for ``prompt``, if any."""
-        if prompt and self.providers:
-            calls = [(p.name, p.check_prompt(prompt, shields=self.ceilings.shields)) for p in self.providers]
-            found, down = await gather(calls)
-            refusal = self.decide(found, down, "prompt")
-            if refusal is not None:
-                raise refusal
-        self._fields.setdefault(LOG_FIELD, "passed")
-
-    def decide(
-        self, found: Sequence[verdict.Finding], down: verdict.Unavailable | None, stage: str
-    ) -> errors.KarsError | None:
-        blocked = verdict.tripped(found, self.ceilings)
-        if blocked:
-            return self.block(blocked, stage)
-        if down is not None:
-            return self._unavailable(down, stage)
-        return None
-
-    def block(self, blocked: Sequence[verdict.Finding], stage: str) -> errors.KarsError:
-        for category, provider in dict.fromkeys((f.category, f.provider) for f in blocked):
-            self._metrics.safety_blocks.labels(category, provider, stage).inc()
-        what = verdict.summary(blocked)
-        self._fields[LOG_FIELD] = "blocked"
-        self._fields["safetyBlocked"] = f"{stage}: {what}"
-        template = PROMPT_MESSAGE if stage == "prompt" else OUTPUT_MESSAGE
-        result = verdict.content_filter_result(blocked)
-        inner = {"code": "ResponsibleAIPolicyViolation", "content_filter_result": result}
-        return errors.InvalidRequest(
-            template.format(what),
-            code="content_filter",
-            extra={"param": "prompt" if stage == "prompt" else None, "innererror": inner},
-            headers={"x-should-retry": "false"},
-        )
-
-    def upstream_blocked(self, filtered: Sequence[verdict.Finding]) -> None:
-        """The upstream refused the prompt itself (its own content filter): count it, pass it on."""
-        for category, provider in dict.fromkeys((f.category, f.provider) for f in filtered):
-            self._metrics.safety_blocks.labels(category, provider, "prompt").inc()
-        self._fields[LOG_FIELD] = "blocked"
-        self._fields["safetyBlocked"] = "prompt: " + (verdict.summary(filtered) or "foundry")
-
-    def _unavailable(self, down: verdict.Unavailable, stage: str) -> errors.KarsError | None:
-        log.warning("content safety provider unavailable (%s): %s", stage, down)
-        if self.ceilings.fail_open:
-            self._metrics.safety_unavailable.labels(down.provider, "fail_open").inc()
-            self._fields[LOG_FIELD] = "fail_open"
-            return None
-        self._metrics.safety_unavailable.labels(down.provider, "fail_closed").inc()
-        self._fields[LOG_FIELD] = "unavailable"
-        return errors.ServiceUnavailable(
-            f"content safety check unavailable ({down.provider})", code="content_safety_unavailable"
-        )
-
-
-async def gather(
-    calls: Sequence[tuple[str, Awaitable[list[verdict.Finding]]]],
-) -> tuple[list[verdict.Finding], verdict.Unavailable | None]:
-    """Run provider checks concurrently: every finding, and the first provider that could not answer."""
-    if len(calls) == 1:  # the common case (local floor only): no task
-        try:
-            return await calls[0][1], None
-        except verdict.Unavailable as exc:
-            return [], exc
-    results = await asyncio.gather(*(c for _, c in calls), return_exceptions=True)
-    found: list[verdict.Finding] = []
-    down: verdict.Unavailable | None = None
-    for result in results:
-        if isinstance(result, verdict.Unavailable):
-            down = down or result
-        elif isinstance(result, BaseException):
-            raise result
-        else:
-            found.extend(result)
-    return found, down
 
 
 class _Lane:
@@ -192,7 +89,7 @@ def _content_type(message: Message) -> bytes:
 class OutputGuard:
     """Per request: ``send`` is what the transport gets (see the module docstring)."""
 
-    def __init__(self, send: Send, judge: Judge) -> None:
+    def __init__(self, send: Send, judge: judge_mod.Judge) -> None:
         self._send = send
         self._judge = judge
         self._mode = "pass"
@@ -235,7 +132,7 @@ class OutputGuard:
     async def _json(self, message: Message) -> None:
         if message.get("more_body", False):  # larger than the transport reads whole: not checked
             self._mode = "pass"
-            self._judge._fields["safetyOutput"] = "unchecked"
+            self._judge.note("safetyOutput", "unchecked")
             await self._release_start()
             return await self._send(message)
         body = message.get("body", b"")
@@ -281,7 +178,7 @@ class OutputGuard:
                     lane.add(text)
         due = [lane for lane in self._lanes if lane.due(final)]
         calls = [(lane.provider.name, lane.provider.check_output(lane.take())) for lane in due]
-        found, down = await gather(calls) if calls else ([], None)
+        found, down = await judge_mod.gather(calls) if calls else ([], None)
         annotated = foundry.output_findings(doc) if doc is not None else []
         return judge.decide([*annotated, *found], down, "output")
 
@@ -291,7 +188,7 @@ class OutputGuard:
         if blocked:
             await self._end(judge.block(blocked, "prompt"), stream=stream)
         calls = [(p.name, p.check_output(text)) for p in judge.providers] if text else []
-        found, down = await gather(calls) if calls else ([], None)
+        found, down = await judge_mod.gather(calls) if calls else ([], None)
         refusal = judge.decide([*foundry.output_findings(doc), *found], down, "output")
         if refusal is not None:
             await self._end(refusal, stream=stream)

@@ -347,3 +347,40 @@ def test_erroring_provider_is_503(make_settings: MS, tmp_path: Path) -> None:
         s.content_safety.fail_status = 500
         r = chat(s, "hello")
         assert (r.status_code, r.json()["error"]["code"]) == (503, "content_safety_unavailable")
+
+
+# -- SDK streams, Responses, token auth ----------------------------------------------------------------
+
+
+def test_sdk_stream_blocked_midway_raises_after_the_allowed_chunks(make_settings: MS, tmp_path: Path) -> None:
+    blocklists = [{"name": "no-upstream", "terms": ["upstream"]}]
+    with safety_stack(make_settings, tmp_path, safety={"localFloor": {"blocklists": blocklists}}) as s:
+        client = openai.AzureOpenAI(
+            azure_endpoint=s.router.url, api_version="2025-04-01-preview", api_key=s.token, max_retries=0
+        )
+        seen = ""
+        with pytest.raises(openai.APIError) as err:
+            stream = client.chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "hi"}], stream=True
+            )
+            for chunk in stream:
+                for choice in chunk.choices:
+                    seen += choice.delta.content or ""
+        assert seen == "Hello from the fake"
+        assert "filtered by the content-safety policy" in err.value.message
+        labels = {"category": "custom_blocklists", "provider": "local", "stage": "output"}
+        assert s.metric("kars_safety_blocks_total", labels) == 1
+
+
+def test_responses_stream_blocked_midway(make_settings: MS, tmp_path: Path) -> None:
+    blocklists = [{"name": "no-upstream", "terms": ["upstream"]}]
+    with safety_stack(make_settings, tmp_path, safety={"localFloor": {"blocklists": blocklists}}) as s:
+        body = {"model": "gpt-4o", "input": "hi", "stream": True}
+        headers = {"authorization": f"Bearer {s.token}"}
+        with httpx.stream("POST", s.router.url + "/openai/v1/responses", json=body, headers=headers) as r:
+            raw = r.read().decode()
+        head, _, tail = raw.partition("event: error\ndata: ")
+        error, _, rest = tail.partition("\n\n")
+        assert head.count('"delta"') == 4  # Hello, from, the, fake: then the block
+        assert json.loads(error)["error"]["code"] == "content_filter"
+        assert rest == "data: [DONE]\n\n"  # and nothing after it
