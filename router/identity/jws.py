@@ -269,7 +269,7 @@ def verify_request(
     token: str,
     *,
     body: bytes,
-    audience: str,
+    audience: str | list[str],
     snapshot: snapshot_mod.Snapshot,
     replay: ReplayCache,
     jku_hosts: frozenset[str] = frozenset(),
@@ -305,7 +305,7 @@ def verify_request(
     except jwt.ExpiredSignatureError as exc:
         raise JwsError("expired", "the signed request has expired") from exc
     except jwt.InvalidAudienceError as exc:
-        raise JwsError("wrong_audience", f"aud is not {audience!r}") from exc
+        raise JwsError("wrong_audience", f"aud is not the URL called ({audience!r})") from exc
     except jwt.ImmatureSignatureError as exc:
         raise JwsError("not_yet_valid", "the signed request is issued in the future") from exc
     except jwt.InvalidSignatureError as exc:

@@ -31,16 +31,21 @@ CARD_SUFFIXES = ("/.well-known/agent-card.json", "/.well-known/agent.json")
 A2A_PREFIX = "/a2a/"
 
 
-def audience_of(scope: Scope) -> str:
-    """The URL of the route called on this router, as the caller addressed it (``aud`` of §5)."""
+def audiences_of(scope: Scope) -> list[str]:
+    """The URL of the route called on this router, as the caller addressed it (``aud`` of §5).
+
+    A WebSocket route may be named by its ``ws(s)://`` or its ``http(s)://`` URL: both are accepted.
+    """
     host = _asgi.header(scope, b"host")
     if host is not None:
         authority = host.decode("latin-1")
     else:
         server = scope.get("server") or ("localhost", None)
         authority = f"{server[0]}:{server[1]}" if server[1] else str(server[0])
-    scheme = {"ws": "http", "wss": "https"}.get(scope.get("scheme", "http"), scope.get("scheme", "http"))
-    return f"{scheme}://{authority}{scope.get('root_path', '')}{scope['path']}"
+    scheme: str = scope.get("scheme", "http")
+    rest = f"://{authority}{scope.get('root_path', '')}{scope['path']}"
+    http_scheme = {"ws": "http", "wss": "https"}.get(scheme)
+    return [scheme + rest] if http_scheme is None else [scheme + rest, http_scheme + rest]
 
 
 def card_agent(path: str) -> str | None:
@@ -94,7 +99,7 @@ class JwsMiddleware:
             principal = jws_mod.verify_request(
                 token,
                 body=body,
-                audience=audience_of(scope),
+                audience=audiences_of(scope),
                 snapshot=self._policy.snapshot,
                 replay=self._replay,
                 jku_hosts=self._jku_hosts,

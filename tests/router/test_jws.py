@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import jwt
 import pytest
+import websockets
 from a2a.client import ClientConfig, create_client
 from a2a.types import Message, Part, Role, SendMessageRequest
 from a2a.utils.signing import create_agent_card_signer
@@ -367,3 +368,36 @@ def test_replay_cache_is_bounded_and_forgets_expired_entries() -> None:
     assert len(cache) == 2
     with pytest.raises(jws_mod.JwsError):
         cache.add(("a", "2"), forget_at=40, now=12)
+
+
+# -- the hand-over from the identity layer ----------------------------------------------------
+
+
+def test_a_token_naming_an_agent_is_never_checked_against_another_key(
+    env: Env, reasons: Callable[[], list[str]]
+) -> None:
+    """Signed with the router's own key and a matching kid: still not the agent's key, so 401."""
+    dev_key = env.router.app.state.kars.dev_key
+    kid = devtokens.key_id(dev_key.public_key())
+    token = jwt.encode(
+        {**claims(body=BODY, aud=env.base), "sub": "remote/caller"}, dev_key, algorithm="EdDSA", headers={"kid": kid}
+    )
+    resp = post(env, token)
+    assert resp.status_code == 401
+    assert any("unknown_kid" in line for line in reasons())
+
+
+async def test_signed_request_opens_a_mesh_connection(env: Env) -> None:
+    url = env.router.url.replace("http://", "ws://") + "/mesh/remote/echo"
+    for aud in (url, url.replace("ws://", "http://")):
+        token = sign(env.keys.es, "ES256", "es-1", body=b"", aud=aud)
+        conn = await websockets.connect(url, additional_headers={"Authorization": f"Bearer {token}"})
+        await conn.close()
+    forged = sign(env.keys.ed, "EdDSA", "es-1", body=b"", aud=url)  # es-1 is an ES256 key
+    with pytest.raises(websockets.InvalidStatus) as info:
+        await websockets.connect(url, additional_headers={"Authorization": f"Bearer {forged}"})
+    assert info.value.response.status_code == 401
+    wrong_route = sign(env.keys.es, "ES256", "es-1", body=b"", aud=url + "x")
+    with pytest.raises(websockets.InvalidStatus) as info:
+        await websockets.connect(url, additional_headers={"Authorization": f"Bearer {wrong_route}"})
+    assert info.value.response.status_code == 401

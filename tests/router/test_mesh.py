@@ -18,6 +18,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.server import ServerConnection, serve
 
+from router.app import build_app
 from router.identity import devtokens
 from tests.support import servers, trustgraphs, waiting
 
@@ -385,3 +386,22 @@ async def test_slow_reader_slows_its_writer_and_the_router_buffers_little(router
     assert peak - baseline < 8 * 1024 * 1024, f"router grew by {(peak - baseline) >> 20} MiB"
     await a.close()
     await b.close()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:The `websockets` implementation is deprecated")
+@pytest.mark.parametrize("implementation", ["websockets", "websockets-sansio"])
+async def test_refusal_before_the_upgrade_on_each_uvicorn_websocket_implementation(
+    make_settings: Callable[..., Any], policy_dir: Path, graph: trustgraphs.Graph, implementation: str
+) -> None:
+    """The 403 is a real HTTP answer (ASGI ``websocket.http.response``), whichever implementation runs."""
+    graph.write(policy_dir)
+    app = build_app(make_settings())
+    with servers.serve(app, ws=implementation) as srv:
+        srv.app = app  # type: ignore[attr-defined]
+        status, body = await refused(srv, "team/a", "team/c")
+        assert status == 403 and body["error"]["code"] == "trust_edge_missing"
+        a, b = await pair(srv, "team/a", "team/b")
+        await a.send(b"\x01\x02")
+        assert await asyncio.wait_for(b.recv(), WAIT_S) == b"\x01\x02"
+        await a.close()
+        await b.close()
