@@ -21,11 +21,12 @@ Store unreachable -> 503 ``budget_store_unavailable``, unless every budget that 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -35,13 +36,14 @@ from router.identity.principal import Principal
 from router.observability import metrics as metrics_mod
 from router.policy import model
 from router.policy import store as policy_store
-from router.stores import base
+from router.stores import base, windows
 
 log = logging.getLogger("kars.budget")
 
 FLAG_HEADER = b"x-kars-budget"
 LOG_FIELD = "budget"  # access-log field: ok | exceeded | rejected | unavailable
 Clock = Callable[[], float]
+MAX_PLANS = 65_536  # cached per-caller plans; a stream of unknown callers cannot grow it further
 
 
 def budget_policies(snapshot: Any, principal: Principal, action: str) -> tuple[model.InferencePolicy, ...]:
@@ -56,6 +58,21 @@ def _duration(seconds: float) -> str:
     hours, rest = divmod(total, 3600)
     minutes, secs = divmod(rest, 60)
     return (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes or hours else "") + f"{secs}s"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Plan:
+    """A caller's counters under one snapshot, valid while ``since <= now < until`` (one UTC hour at most)."""
+
+    snapshot: Any
+    policies: tuple[model.InferencePolicy, ...]
+    lines: tuple[budgets.Line, ...]
+    charges: tuple[base.Charge, ...]
+    counters: tuple[str, ...]
+    reserved: tuple[Any, ...]  # bound metric children, one per line
+    settled: tuple[Any, ...]
+    since: float
+    until: float
 
 
 class TokenBudgetMiddleware:
@@ -73,6 +90,34 @@ class TokenBudgetMiddleware:
         self._policy = policy
         self._metrics = metrics
         self._clock = clock
+        # Plans by (namespace, name, action): the counters a caller charges change only with the
+        # snapshot or the hour, so they are worked out once, not per request. Bounded.
+        self._plans: dict[tuple[str, str, str], _Plan] = {}
+
+    def plan(self, snapshot: Any, principal: Principal, action: str, now: float) -> _Plan:
+        key = (principal.namespace, principal.name, action)
+        plan = self._plans.get(key)
+        if plan is not None and plan.snapshot is snapshot and plan.since <= now < plan.until:
+            return plan
+        policies = budget_policies(snapshot, principal, action)
+        lines = tuple(budgets.lines(policies, principal.namespace, principal.name, now))
+        hour = windows.span("hour", now)  # the validity of a plan without counters
+        m = self._metrics
+        plan = _Plan(
+            snapshot,
+            policies,
+            lines,
+            tuple(line.charge() for line in lines),
+            tuple(line.counter for line in lines),
+            tuple(m.budget_tokens_reserved.labels(line.scope, line.span.window) for line in lines),
+            tuple(m.budget_tokens_settled.labels(line.scope, line.span.window) for line in lines),
+            max((line.span.start for line in lines), default=hour.start),
+            min((line.span.end for line in lines), default=hour.end),
+        )
+        if len(self._plans) >= MAX_PLANS:
+            self._plans.clear()
+        self._plans[key] = plan
+        return plan
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":
@@ -83,46 +128,37 @@ class TokenBudgetMiddleware:
         if route is None or not route.generates or principal is None:
             return await self.app(scope, receive, send)
         snapshot = st.setdefault(_asgi.SNAPSHOT, self._policy.snapshot)
-        policies = budget_policies(snapshot, principal, route.action)
-        if not policies:
+        now = self._clock()
+        plan = self.plan(snapshot, principal, route.action, now)
+        if not plan.policies:
             return await self.app(scope, receive, send)
         body = await _body.read_json(scope, receive)
-        await _Budgeted(self, scope, principal, policies).run(route.action, body, _body.replay(scope, receive), send)
+        await _Budgeted(self, scope, plan, now).run(route.action, body, _body.replay(scope, receive), send)
 
 
 class _Budgeted:
     """One budgeted request: reserve, forward, settle."""
 
-    def __init__(
-        self, mw: TokenBudgetMiddleware, scope: Scope, principal: Principal, policies: Sequence[model.InferencePolicy]
-    ) -> None:
+    def __init__(self, mw: TokenBudgetMiddleware, scope: Scope, plan: _Plan, now: float) -> None:
         self.mw = mw
         self.scope = scope
-        self.principal = principal
-        self.policies = policies
+        self.plan = plan
+        self.policies = plan.policies
+        self.now = now
         self.fields: dict[str, Any] = _asgi.state(scope).setdefault(_asgi.LOG_FIELDS, {})
 
-    def _reject(self, code: str, scope: str, window: str, tokens: int) -> None:
-        m = self.mw._metrics
-        m.budget_rejections.labels(code).inc()
-        m.budget_tokens_rejected.labels(scope, window).inc(tokens)
-        self.fields[LOG_FIELD] = "rejected"
-
     async def run(self, action: str, body: Any, receive: Receive, send: Send) -> None:
-        mw, m = self.mw, self.mw._metrics
+        mw, m, plan, now = self.mw, self.mw._metrics, self.plan, self.now
         worst = budgets.worst_case(action, body, self.policies)
         self._check_cap(worst)
-        now = mw._clock()
-        lines = budgets.lines(self.policies, self.principal.namespace, self.principal.name, now)
-        charges = [line.charge() for line in lines]
         rid = uuid.uuid4().hex
         deadline = now + base.RESERVATION_TTL_S
         try:
-            outcome = await mw._store.reserve(rid, charges, worst.tokens, deadline=deadline, now=now)
+            outcome = await mw._store.reserve(rid, plan.charges, worst.tokens, deadline=deadline, now=now)
         except base.StoreUnavailable as exc:
             m.budget_store_errors.labels("reserve").inc()
             self.fields[LOG_FIELD] = "unavailable"
-            if all(line.fail_open for line in lines):
+            if all(line.fail_open for line in plan.lines):
                 log.warning("budget store unavailable, failing open: %s", exc)
                 return await mw.app(self.scope, receive, _flagging(send, b"unavailable"))
             m.budget_rejections.labels("budget_store_unavailable").inc()
@@ -130,22 +166,28 @@ class _Budgeted:
                 "the token budget store is unavailable", code="budget_store_unavailable"
             ) from None
 
-        fit = [base.fits(c, ch, worst.tokens) for ch, c in zip(charges, outcome.before, strict=True)]
+        fit = [base.fits(c, ch, worst.tokens) for ch, c in zip(plan.charges, outcome.before, strict=True)]
         if not outcome.admitted:
-            judged = zip(lines, outcome.before, fit, strict=True)
-            self._refuse([(line, c) for line, c, ok in judged if line.enforce and not ok], worst, now)
-        over = [line for line, ok in zip(lines, fit, strict=True) if not ok]  # all rejectOnExceed: false here
-        for line in lines:
-            m.budget_tokens_reserved.labels(line.scope, line.span.window).inc(worst.tokens)
+            judged = zip(plan.lines, outcome.before, fit, strict=True)
+            self._refuse([(line, c) for line, c, ok in judged if line.enforce and not ok], worst)
+        over = [line for line, ok in zip(plan.lines, fit, strict=True) if not ok]  # all rejectOnExceed: false
+        for child in plan.reserved:
+            child.inc(worst.tokens)
         for line in over:
             m.budget_over_limit_allowed.labels(line.scope, line.span.window).inc()
         self.fields[LOG_FIELD] = "exceeded" if over else "ok"
         self.fields["budgetReservedTokens"] = worst.tokens
+        cancelled = False
         try:
             await mw.app(self.scope, receive, _flagging(send, b"exceeded") if over else send)
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
         finally:
-            # Shielded: a cancelled request still settles (or releases) its reservation.
-            await asyncio.shield(self._finish(rid, lines, worst.tokens))
+            finish = self._finish(rid, worst.tokens)
+            # A cancelled request still settles (or releases): shielded, then. Only then, as a
+            # shield costs a task and extra event-loop turns on every request.
+            await (asyncio.shield(finish) if cancelled else finish)
 
     def _check_cap(self, worst: budgets.WorstCase) -> None:
         capped = budgets.over_cap(self.policies, worst.tokens)
@@ -164,7 +206,7 @@ class _Budgeted:
             headers={"x-should-retry": "false"},
         )
 
-    def _refuse(self, full: list[tuple[budgets.Line, base.Counter]], worst: budgets.WorstCase, now: float) -> NoReturn:
+    def _refuse(self, full: list[tuple[budgets.Line, base.Counter]], worst: budgets.WorstCase) -> NoReturn:
         m = self.mw._metrics
         for line, _ in full:
             m.budget_tokens_rejected.labels(line.scope, line.span.window).inc(worst.tokens)
@@ -172,7 +214,7 @@ class _Budgeted:
         self.fields[LOG_FIELD] = "rejected"
         # The window that resets last: retrying before it resets cannot succeed.
         line, counter = max(full, key=lambda lc: lc[0].span.end)
-        wait_s = line.span.seconds_left(now)
+        wait_s = line.span.seconds_left(self.now)
         raise errors.TokenBudgetExceeded(
             f"token budget exceeded: InferencePolicy {line.policy} allows {line.limit} tokens per "
             f"{line.span.window} for {line.scope} {line.key}; {counter.used} used, {counter.reserved} reserved, "
@@ -185,11 +227,10 @@ class _Budgeted:
             },
         )
 
-    async def _finish(self, rid: str, lines: Sequence[budgets.Line], reserved: int) -> None:
+    async def _finish(self, rid: str, reserved: int) -> None:
         st = _asgi.state(self.scope)
         usage = st.get(_asgi.USAGE)
-        counters = [line.counter for line in lines]
-        store, m = self.mw._store, self.mw._metrics
+        store, plan = self.mw._store, self.plan
         if usage is not None:
             actual, operation = usage.total_tokens, "settle"
         elif st.get(_asgi.UPSTREAM_OUTPUT):
@@ -198,18 +239,18 @@ class _Budgeted:
             actual, operation = 0, "release"
         try:
             if operation == "settle":
-                await store.settle(rid, counters, actual)
+                await store.settle(rid, plan.counters, actual)
             else:
-                await store.release(rid, counters)
+                await store.release(rid, plan.counters)
         except base.StoreUnavailable as exc:
             # The reservation stays until its deadline; then a sweep releases it.
-            m.budget_store_errors.labels(operation).inc()
+            self.mw._metrics.budget_store_errors.labels(operation).inc()
             log.error("budget %s of reservation %s failed: %s", operation, rid, exc)
             return
         self.fields["budgetChargedTokens"] = actual
         if actual:
-            for line in lines:
-                m.budget_tokens_settled.labels(line.scope, line.span.window).inc(actual)
+            for child in plan.settled:
+                child.inc(actual)
 
 
 def _flagging(send: Send, value: bytes) -> Send:

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
+import math
 from typing import Literal
 
 Window = Literal["hour", "day", "month"]
 WINDOWS: tuple[Window, ...] = ("hour", "day", "month")
 _TAGS: dict[Window, str] = {"hour": "h", "day": "d", "month": "m"}
+HOUR_S = 3600
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -37,7 +40,14 @@ class Span:
 
 def span(window: Window, now: float) -> Span:
     """The ``window`` that contains the instant ``now`` (epoch seconds, UTC)."""
-    t = dt.datetime.fromtimestamp(now, dt.UTC)
+    # Every window starts and ends on a UTC hour (POSIX time has no leap seconds), so the
+    # answer depends only on the hour ``now`` falls in: computed once per hour, not per request.
+    return _span(window, math.floor(now / HOUR_S))
+
+
+@functools.lru_cache(maxsize=256)
+def _span(window: Window, hour: int) -> Span:
+    t = dt.datetime.fromtimestamp(hour * HOUR_S, dt.UTC)
     if window == "hour":
         start = t.replace(minute=0, second=0, microsecond=0)
         end = start + dt.timedelta(hours=1)
