@@ -59,49 +59,59 @@ def term_pattern(term: str) -> str:
 
 
 class _Patterns:
-    """One compiled RE2 set and the name each of its patterns reports."""
+    """One compiled RE2 set; each pattern reports (kind, name): kind BLOCKLIST or ``_ATTACK``."""
 
-    __slots__ = ("_names", "_set")
+    __slots__ = ("_labels", "_set")
 
-    def __init__(self, patterns: Sequence[tuple[str, str]]) -> None:
+    def __init__(self, patterns: Sequence[tuple[str, str, str]]) -> None:
         self._set = re2.Set.SearchSet(_options())
-        self._names: list[str] = []
-        for pattern, name in patterns:
+        self._labels: list[tuple[str, str]] = []
+        for pattern, kind, name in patterns:
             self._set.Add(pattern)
-            self._names.append(name)
+            self._labels.append((kind, name))
         self._set.Compile()
 
-    def names(self, text: str) -> list[str]:
+    def findings(self, text: str, attack: str) -> list[verdict.Finding]:
+        """What matches in ``text``; an injection pattern is reported as category ``attack``."""
         if not text:
             return []
-        return list(dict.fromkeys(self._names[i] for i in self._set.Match(text) or ()))
+        labels = dict.fromkeys(self._labels[i] for i in self._set.Match(text) or ())
+        return [verdict.Finding(attack if kind == _ATTACK else kind, PROVIDER, name=name) for kind, name in labels]
 
 
-def _blocklist_patterns(blocklists: Sequence[Blocklist]) -> list[tuple[str, str]]:
-    out: list[tuple[str, str]] = []
+_ATTACK = "attack"
+
+
+def _blocklist_patterns(blocklists: Sequence[Blocklist]) -> list[tuple[str, str, str]]:
+    out: list[tuple[str, str, str]] = []
     for bl in blocklists:
-        out.extend((term_pattern(t), bl.name) for t in bl.terms if t)
-        out.extend((r, bl.name) for r in bl.regexes)
+        out.extend((term_pattern(t), verdict.BLOCKLIST, bl.name) for t in bl.terms if t)
+        out.extend((r, verdict.BLOCKLIST, bl.name) for r in bl.regexes)
     return out
 
 
 class LocalProvider:
-    """The local floor, compiled; shared by every request (it holds no per-request state)."""
+    """The local floor, compiled; shared by every request (it holds no per-request state).
+
+    The caller's words and documents are scanned once each, by one set holding the blocklists and
+    the injection patterns together; other turns (system, assistant) by the blocklists alone.
+    """
 
     name = PROVIDER
     stream_batch_chars = 0  # cheap enough to check every stream event as it passes
 
     def __init__(self, settings: LocalFloor) -> None:
         blocklist = _blocklist_patterns(settings.blocklists)
+        injection = [(f"(?i){p}", _ATTACK, BUILTIN_INJECTION) for p in INJECTION_PATTERNS]
+        both = blocklist + (injection if settings.prompt_injection else [])
         self._blocklists = _Patterns(blocklist) if blocklist else None
-        injection = [(f"(?i){p}", BUILTIN_INJECTION) for p in INJECTION_PATTERNS] if settings.prompt_injection else []
-        self._injection = _Patterns(injection) if injection else None
+        self._all = _Patterns(both) if both else None
         longest = max((len(t) for bl in settings.blocklists for t in bl.terms), default=0)
         self.overlap_chars = max(OVERLAP_CHARS, longest)
 
     @property
     def active(self) -> bool:
-        return self._blocklists is not None or self._injection is not None
+        return self._all is not None
 
     async def start(self) -> None:
         return None
@@ -110,17 +120,15 @@ class LocalProvider:
         return None
 
     def blocklist_hits(self, text: str) -> list[verdict.Finding]:
-        if self._blocklists is None:
-            return []
-        return [verdict.Finding(verdict.BLOCKLIST, PROVIDER, name=n) for n in self._blocklists.names(text)]
+        return self._blocklists.findings(text, verdict.BLOCKLIST) if self._blocklists is not None else []
 
     def scan_prompt(self, prompt: texts.Prompt) -> list[verdict.Finding]:
-        found = self.blocklist_hits(_JOIN.join(prompt.all()))
-        if self._injection is not None:
-            for category, parts in ((verdict.JAILBREAK, prompt.user), (verdict.INDIRECT, prompt.documents)):
-                for name in self._injection.names(_JOIN.join(parts)):
-                    found.append(verdict.Finding(category, PROVIDER, name=name))
-        return found
+        found: list[verdict.Finding] = []
+        if self._all is not None:
+            found += self._all.findings(_JOIN.join(prompt.user), verdict.JAILBREAK)
+            found += self._all.findings(_JOIN.join(prompt.documents), verdict.INDIRECT)
+        found += self.blocklist_hits(_JOIN.join(prompt.other))
+        return list(dict.fromkeys(found))
 
     async def check_prompt(self, prompt: texts.Prompt, *, shields: bool) -> list[verdict.Finding]:
         return self.scan_prompt(prompt)
