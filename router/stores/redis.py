@@ -180,7 +180,9 @@ class RedisStore:
             amount,
             reservation_id,
             self._prefix + "r:",
-            math.ceil(deadline + base.RESERVATION_TTL_S),
+            # A held reservation's record must outlive its deadline until a sweep finds it, however
+            # idle the store is: it lives as long as the longest-lived counter it charges.
+            math.ceil(max([deadline, *(ch.expires_at for ch in charges)])),
             base.SWEEP_BATCH,
         ]
         for ch in charges:
