@@ -122,6 +122,7 @@ class Bridge:
     edges: tuple[PairKey, ...]
     sides: tuple[Peer, Peer]
     pumps: int = 2
+    expiry: asyncio.TimerHandle | None = None
 
     async def close(self, code: int, reason: str) -> None:
         await asyncio.gather(*(side.close(code, reason) for side in self.sides), return_exceptions=True)
@@ -166,6 +167,7 @@ class MeshHub:
         clock: Callable[[], dt.datetime] = _utcnow,
     ) -> None:
         self._metrics = metrics
+        self._policy = policy
         self._relay_url = relay_url
         self._pair_timeout_s = pair_timeout_s
         self._clock = clock
@@ -211,6 +213,7 @@ class MeshHub:
         self._metrics.mesh_bridges.labels("paired").inc()
         self._metrics.mesh_bridges_active.inc()
         counterpart.paired.set_result((me, bridge))
+        self._close_at_expiry(bridge)
         try:
             await pump(me, counterpart.peer, self._metrics)
         finally:
@@ -276,6 +279,7 @@ class MeshHub:
         me, relay = AsgiPeer(receive, send), RelayPeer(conn)
         bridge = Bridge(edges=(key,), sides=(me, relay))
         self._bridges[key] = bridge
+        self._close_at_expiry(bridge)
         self._metrics.mesh_bridges.labels("relayed").inc()
         self._metrics.mesh_bridges_active.inc()
         try:
@@ -285,9 +289,25 @@ class MeshHub:
             self._pump_done(bridge)
             await conn.close()
 
+    def _close_at_expiry(self, bridge: Bridge) -> None:
+        """An edge with ``notAfter`` stops counting then: the bridge on it closes (1008) at that moment."""
+        now = self._clock()
+        ends = []
+        for src, dst in bridge.edges:
+            edge = self._policy.snapshot.trust_edge(src, dst, now)
+            if edge is not None and edge.not_after is not None:
+                ends.append(edge.not_after)
+        if ends:
+            delay_s = max(0.0, (min(ends) - now).total_seconds())
+            bridge.expiry = asyncio.get_running_loop().call_later(
+                delay_s, lambda: self._spawn(bridge.close(CLOSE_POLICY, "trust edge expired"))
+            )
+
     def _pump_done(self, bridge: Bridge) -> None:
         bridge.pumps -= 1
         if bridge.pumps == 0:
+            if bridge.expiry is not None:
+                bridge.expiry.cancel()
             for edge in bridge.edges:
                 if self._bridges.get(edge) is bridge:
                     del self._bridges[edge]

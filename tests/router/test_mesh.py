@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import hashlib
 import json
 import os
@@ -405,3 +406,17 @@ async def test_refusal_before_the_upgrade_on_each_uvicorn_websocket_implementati
         assert await asyncio.wait_for(b.recv(), WAIT_S) == b"\x01\x02"
         await a.close()
         await b.close()
+
+
+async def test_bridge_closes_when_its_edge_expires(router_server: Callable[..., Any], policy_dir: Path) -> None:
+    soon = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1.5)
+    trustgraphs.Graph().edge("team/a", "team/b", not_after=soon).edge("team/b", "team/a").write(policy_dir)
+    srv = router_server()
+    a, b = await pair(srv, "team/a", "team/b")
+    await a.send("before")
+    assert await asyncio.wait_for(b.recv(), WAIT_S) == "before"
+    for side in (a, b):
+        with pytest.raises(websockets.ConnectionClosed) as info:
+            await asyncio.wait_for(side.recv(), WAIT_S)
+        assert info.value.rcvd is not None and info.value.rcvd.code == 1008
+    assert dt.datetime.now(dt.UTC) >= soon
