@@ -44,8 +44,16 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(_load.ROOT), **(extra or {})}
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds used so far by process ``pid`` (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextlib.contextmanager
-def _process(argv: list[str], *, ready_url: str, log: Path, env: dict[str, str] | None = None) -> Iterator[None]:
+def _process(
+    argv: list[str], *, ready_url: str, log: Path, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     """Like ``_load.process``, but stderr goes to a file: the audit log must never fill a pipe."""
     with log.open("wb") as err:
         proc = subprocess.Popen(argv, env=_env(env), cwd=log.parent, stdout=subprocess.DEVNULL, stderr=err)
@@ -60,7 +68,7 @@ def _process(argv: list[str], *, ready_url: str, log: Path, env: dict[str, str] 
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{ready_url} not ready")
                 time.sleep(0.1)
-            yield
+            yield proc
         finally:
             proc.terminate()
             try:
@@ -118,23 +126,32 @@ def main(argv: list[str]) -> int:
                     ready_url=f"{base}/readyz",
                     log=work / f"router-{kind}.log",
                     env=env,
-                ):
+                ) as proc:
                     url = f"{base}/mcp/echo" + ("/sse" if kind == "sse" else "")
-                    rows.append((kind, "kars router", load(url, kind, {"authorization": f"Bearer {token}"})))
+                    cpu0 = _cpu_s(proc.pid)
+                    result = load(url, kind, {"authorization": f"Bearer {token}"})
+                    calls = result["calls_per_s"] * args.seconds
+                    result["router_cpu_us"] = (_cpu_s(proc.pid) - cpu0) / max(calls, 1) * 1e6
+                    rows.append((kind, "kars router", result))
                 audited = (work / f"router-{kind}.log").read_text().count('"mcp.tools_call"')
                 print(f"{kind}: {audited} audit records written by the router", file=sys.stderr)
 
     print(f"{args.sessions} sessions, {args.seconds:g} s each run, echo tool\n")
-    print("| client | path | calls/s | vs direct | p50 ms | p99 ms | added p50 ms | failures | load-gen CPU |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| client | path | calls/s | vs direct | p50 ms | p99 ms | added p50 ms | failures | load-gen CPU "
+        "| router CPU/call |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     direct: dict[str, dict[str, float]] = {}
     for kind, path, r in rows:
         if path == "direct":
             direct[kind] = r
         d = direct[kind]
+        cpu = f"{r['router_cpu_us']:.0f} us" if "router_cpu_us" in r else "-"
         print(
             f"| {kind} | {path} | {r['calls_per_s']:,.0f} | {r['calls_per_s'] / d['calls_per_s']:.2f}x "
             f"| {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['p50_ms'] - d['p50_ms']:+.2f} "
-            f"| {r['failures']:.0f} | {r['client_cpu'] * 100:.0f}% |"
+            f"| {r['failures']:.0f} | {r['client_cpu'] * 100:.0f}% "
+            f"| {cpu} |"
         )
     return 0

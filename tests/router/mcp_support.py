@@ -61,6 +61,11 @@ def build_upstream() -> MCPServer:
         return f"hello {result.data.name}" if result.action == "accept" and result.data else result.action
 
     @server.tool()
+    async def touch_tools(ctx: Context) -> str:
+        await ctx.session.send_tool_list_changed()  # unrelated to any request: the standalone stream
+        return "touched"
+
+    @server.tool()
     async def hang() -> str:
         await HANG.wait()
         return "never"

@@ -74,8 +74,15 @@ async def test_full_session(router: Any, client: str, caplog: pytest.LogCaptureF
         asked.append(params.message)
         return types.ElicitResult(action="accept", content={"name": "kars"})
 
+    changed = asyncio.Event()
+
+    async def on_message(message: Any) -> None:
+        if isinstance(message, types.ToolListChangedNotification):
+            changed.set()
+
     token = ms.token(router)
-    async with ms.sdk_session(endpoint(router, client), token, client, elicitation_callback=on_elicit) as (s, init):
+    callbacks: dict[str, Any] = {"elicitation_callback": on_elicit, "message_handler": on_message}
+    async with ms.sdk_session(endpoint(router, client), token, client, **callbacks) as (s, init):
         assert init.protocol_version == "2025-11-25"
         assert init.server_info.name == "upstream"
 
@@ -112,6 +119,11 @@ async def test_full_session(router: Any, client: str, caplog: pytest.LogCaptureF
         assert [p.name for p in prompts.prompts] == ["greet"]
         prompt = await s.get_prompt("greet", {"name": "Ada"})
         assert "Ada" in prompt.messages[0].content.text  # type: ignore[union-attr]
+
+        touched = await s.call_tool("touch_tools", {})
+        assert touched.content[0].text == "touched"  # type: ignore[union-attr]
+        with anyio.fail_after(5):
+            await changed.wait()  # list_changed came down the session's standalone stream
 
         await s.send_ping()
         assert len(router.app.state.kars.mcp.table) == 1

@@ -263,8 +263,8 @@ class Gateway:
     async def _pump(self, session: sessions.Session, message: dict[str, Any], raw: bytes, target: Any) -> None:
         request_id = message.get("id")
         try:
-            async for item in session.upstream.request(message, raw):
-                self._deliver(session, item, target)
+            async for item, text in session.upstream.request(message, raw):
+                self._deliver(session, item, target, text)
             if request_id in session.pending:
                 # The stream ended without the response (the connection dropped): the request
                 # is lost upstream, so the session cannot be trusted to be in step any more.
@@ -283,7 +283,8 @@ class Gateway:
                 target.close()
                 session.drop_finished_streams(KEEP_FINISHED_STREAMS)
 
-    def _deliver(self, session: sessions.Session, item: dict[str, Any], target: Any) -> None:
+    def _deliver(self, session: sessions.Session, item: dict[str, Any], target: Any, text: str | None = None) -> None:
+        """Send one upstream message to the client on ``target`` (``text``: its JSON, if unchanged)."""
         if _wire.is_response(item):
             rid = item.get("id")
             session.pending.pop(rid, None)
@@ -291,6 +292,7 @@ class Gateway:
                 session.lists.discard(rid)
                 if "result" in item:
                     item["result"] = session.gate.filter_tools(item["result"])
+                    text = None
             elif rid in session.initialize_ids:
                 session.initialize_ids.discard(rid)
                 result = item.get("result")
@@ -303,12 +305,12 @@ class Gateway:
                 if isinstance(error, dict) and error.get("code") == _wire.UPSTREAM_LOST:
                     outcome = "upstream_lost"
                 self._audit(session, call.tool, "allow", call.decision.policy, call.started, outcome, call.params)
-        target.push(_wire.dumps(item))
+        target.push(text if text is not None else _wire.dumps(item))
 
     async def _listen(self, session: sessions.Session) -> None:
         try:
-            async for item in session.upstream.listen():
-                session.main.push(_wire.dumps(item))
+            async for _item, text in session.upstream.listen():
+                session.main.push(text)
         except upstream.Gone as exc:
             await self.end(session, f"upstream gone: {exc}")
 

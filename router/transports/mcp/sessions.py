@@ -35,7 +35,7 @@ class Stream:
         self.attached = False
         self.open_requests = 0  # responses still owed on this stream
         self._events: collections.deque[bytes] = collections.deque(maxlen=replay_limit)
-        self._changed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._changed: asyncio.Future[None] = asyncio.get_running_loop().create_future()  # done: news
 
     def push(self, data: str, *, with_id: bool = True) -> None:
         self.seq += 1
@@ -50,30 +50,49 @@ class Stream:
     def _wake(self) -> None:
         if not self._changed.done():
             self._changed.set_result(None)
-        self._changed = asyncio.get_running_loop().create_future()
+
+    def _next_change(self) -> asyncio.Future[None]:
+        if self._changed.done():
+            self._changed = asyncio.get_running_loop().create_future()
+        return self._changed
 
     async def follow(self, after: int, idle_s: float, stop: asyncio.Future[Any]) -> AsyncIterator[bytes | None]:
         """Events after seq ``after`` as they come, until closed or ``stop`` is done;
         ``None`` after ``idle_s`` without an event (time for a keep-alive comment)."""
+        loop = asyncio.get_running_loop()
         cursor = after
-        while True:
-            first = self.seq - len(self._events) + 1
-            if cursor < self.seq:
-                start = max(cursor + 1, first)
-                for i in range(start - first, len(self._events)):
-                    yield self._events[i]
-                cursor = self.seq
-                self.delivered = max(self.delivered, cursor)
-                continue
-            if self.closed:
-                return
-            if stop.done():
-                return
-            done, _ = await asyncio.wait((self._changed, stop), timeout=idle_s, return_when=asyncio.FIRST_COMPLETED)
-            if stop in done:
-                return
-            if not done:
-                yield None
+
+        def on_stop(_: Any) -> None:
+            self._wake()
+
+        stop.add_done_callback(on_stop)
+        try:
+            while True:
+                if cursor < self.seq:
+                    first = self.seq - len(self._events) + 1
+                    for i in range(max(cursor + 1, first) - first, len(self._events)):
+                        yield self._events[i]
+                    cursor = self.seq
+                    self.delivered = max(self.delivered, cursor)
+                    continue
+                if self.closed or stop.done():
+                    return
+                # A timer, not asyncio.wait/wait_for: this runs once per event on the hot path.
+                change = self._next_change()
+                timer = loop.call_later(idle_s, _resolve, change)
+                try:
+                    await change
+                finally:
+                    timer.cancel()
+                if cursor == self.seq and not self.closed and not stop.done():
+                    yield None
+        finally:
+            stop.remove_done_callback(on_stop)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 @dataclasses.dataclass(slots=True)

@@ -68,14 +68,20 @@ class Pool:
             await client.aclose()
 
 
-def _parse(data: str) -> list[dict[str, Any]]:
+Message = tuple[dict[str, Any], str]  # a JSON-RPC message and its JSON text, forwarded as is when unchanged
+
+
+def _parse(data: str) -> list[Message]:
     try:
         parsed = json.loads(data)
     except json.JSONDecodeError:
         log.warning("upstream sent a message that is not JSON; dropped")
         return []
-    items = parsed if isinstance(parsed, list) else [parsed]
-    return [m for m in items if isinstance(m, dict)]
+    if isinstance(parsed, dict):
+        # Forwarded text must fit one SSE ``data:`` line: pretty-printed JSON is re-serialised.
+        return [(parsed, data if "\n" not in data and "\r" not in data else _wire.dumps(parsed))]
+    items = parsed if isinstance(parsed, list) else []
+    return [(m, _wire.dumps(m)) for m in items if isinstance(m, dict)]
 
 
 def _header(resp: http.Response, name: bytes) -> str | None:
@@ -120,11 +126,12 @@ class StreamableUpstream:
             self.session_id = _header(resp, _wire.MCP_SESSION_ID)
         return resp
 
-    async def request(self, message: dict[str, Any], raw: bytes) -> AsyncIterator[dict[str, Any]]:
+    async def request(self, message: dict[str, Any], raw: bytes) -> AsyncIterator[Message]:
         resp = await self._post(raw)
         try:
             if resp.status >= 400:
-                yield _wire.error(message.get("id"), _wire.INTERNAL_ERROR, f"upstream answered HTTP {resp.status}")
+                err = _wire.error(message.get("id"), _wire.INTERNAL_ERROR, f"upstream answered HTTP {resp.status}")
+                yield err, _wire.dumps(err)
                 return
             async for item in self._messages(resp):
                 yield item
@@ -133,7 +140,7 @@ class StreamableUpstream:
         finally:
             resp.close()
 
-    async def _messages(self, resp: http.Response) -> AsyncIterator[dict[str, Any]]:
+    async def _messages(self, resp: http.Response) -> AsyncIterator[Message]:
         content_type = (_header(resp, b"content-type") or "").split(";")[0].strip().lower()
         if content_type == _wire.CONTENT_TYPE_SSE:
             async for event in _sse.events(resp.iter_chunks()):
@@ -151,7 +158,7 @@ class StreamableUpstream:
         resp = await self._post(raw)
         resp.close()
 
-    async def listen(self) -> AsyncIterator[dict[str, Any]]:
+    async def listen(self) -> AsyncIterator[Message]:
         """The upstream's GET stream, re-opened while the session lives; ends on 405."""
         client, path = await self._pool.client(self._url)
         while True:
@@ -189,9 +196,9 @@ class SseUpstream:
         self._url = url
         self._bearer = bearer
         self._endpoint: str | None = None
-        self._pending: dict[Any, asyncio.Queue[dict[str, Any] | None]] = {}
+        self._pending: dict[Any, asyncio.Queue[Message | None]] = {}
         self._progress: dict[Any, Any] = {}  # progressToken -> request id
-        self._unrelated: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self._unrelated: asyncio.Queue[Message | None] = asyncio.Queue()
         self._reader: asyncio.Task[None] | None = None
         self._gone = False
         self.protocol_version: str | None = None
@@ -240,18 +247,19 @@ class SseUpstream:
                 queue.put_nowait(None)
             self._unrelated.put_nowait(None)
 
-    def _dispatch(self, item: dict[str, Any]) -> None:
+    def _dispatch(self, pair: Message) -> None:
+        item = pair[0]
         if _wire.is_response(item) and item.get("id") in self._pending:
-            self._pending[item["id"]].put_nowait(item)
+            self._pending[item["id"]].put_nowait(pair)
             return
         if item.get("method") == "notifications/progress":
             params = item.get("params")
             token = params.get("progressToken") if isinstance(params, dict) else None
             owner = self._progress.get(token)
             if owner in self._pending:
-                self._pending[owner].put_nowait(item)
+                self._pending[owner].put_nowait(pair)
                 return
-        self._unrelated.put_nowait(item)
+        self._unrelated.put_nowait(pair)
 
     async def _post(self, raw: bytes) -> None:
         if self._gone or self._endpoint is None:
@@ -268,10 +276,10 @@ class SseUpstream:
         if resp.status >= 400:
             raise errors.UpstreamError(f"upstream answered HTTP {resp.status}")
 
-    async def request(self, message: dict[str, Any], raw: bytes) -> AsyncIterator[dict[str, Any]]:
+    async def request(self, message: dict[str, Any], raw: bytes) -> AsyncIterator[Message]:
         request_id = message.get("id")
         token = _wire.progress_token(message)
-        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        queue: asyncio.Queue[Message | None] = asyncio.Queue()
         self._pending[request_id] = queue
         if token is not None:
             self._progress[token] = request_id
@@ -282,7 +290,7 @@ class SseUpstream:
                 if item is None:
                     raise Gone("upstream stream ended")
                 yield item
-                if _wire.is_response(item):
+                if _wire.is_response(item[0]):
                     return
         finally:
             self._pending.pop(request_id, None)
@@ -292,7 +300,7 @@ class SseUpstream:
     async def send(self, raw: bytes) -> None:
         await self._post(raw)
 
-    async def listen(self) -> AsyncIterator[dict[str, Any]]:
+    async def listen(self) -> AsyncIterator[Message]:
         while True:
             item = await self._unrelated.get()
             if item is None:
