@@ -13,7 +13,16 @@ from typing import Any
 import httpx
 import pytest
 from a2a.client import ClientConfig, ClientFactory, create_client
-from a2a.types import GetTaskRequest, Message, Part, Role, SendMessageRequest
+from a2a.types import (
+    CancelTaskRequest,
+    GetTaskRequest,
+    ListTasksRequest,
+    Message,
+    Part,
+    Role,
+    SendMessageRequest,
+    SubscribeToTaskRequest,
+)
 
 from router.identity import devtokens
 from tests.support import a2a_agent, servers, trustgraphs
@@ -162,3 +171,28 @@ async def test_caller_credentials_are_not_forwarded(setup: Setup, http: httpx.As
     assert resp.status_code == 200
     assert seen and all(h not in seen[-1] for h in ("authorization", "api-key", "x-api-key"))
     assert json.loads(resp.content)["id"] == 1
+
+
+@pytest.mark.parametrize("versions", [("1.0",), ("0.3",)])
+async def test_subscribe_list_and_cancel_through_the_router(
+    setup: Setup, http: httpx.AsyncClient, versions: tuple[str, ...]
+) -> None:
+    card = a2a_agent.make_card(setup.base, versions=versions)
+    client = ClientFactory(ClientConfig(httpx_client=http, streaming=True)).create(card)
+    stream = client.send_message(user_message("stream: long"))
+    first = await asyncio.wait_for(anext(stream), WAIT_S)
+    task_id = first.task.id
+    # A second stream on the same task (SubscribeToTask / tasks/resubscribe) while it is working.
+    subscription = client.subscribe(SubscribeToTaskRequest(id=task_id))
+    current = await asyncio.wait_for(anext(subscription), WAIT_S)  # the task as it stands now
+    assert current.WhichOneof("payload") in ("task", "status_update")
+    setup.agent.executor.gate.set()
+    seen = [e async for e in subscription]
+    assert seen and seen[-1].status_update.status.state == 3  # TASK_STATE_COMPLETED
+    _ = [e async for e in stream]
+    if versions == ("1.0",):  # ListTasks exists in 1.0 only
+        listed = await client.list_tasks(ListTasksRequest())
+        assert task_id in [t.id for t in listed.tasks]
+    with pytest.raises(Exception) as info:  # a completed task cannot be cancelled: the agent's own error
+        await client.cancel_task(CancelTaskRequest(id=task_id))
+    assert "cancel" in str(info.value).lower()
