@@ -173,6 +173,7 @@ class MeshHub:
         self._clock = clock
         self._waiting: dict[PairKey, _Waiter] = {}
         self._bridges: dict[PairKey, Bridge] = {}
+        self._claimed: set[PairKey] = set()  # (caller, peer) of every open connection, claimed before any await
         self._closing: set[asyncio.Task[None]] = set()
         policy.subscribe(self.on_snapshot)
 
@@ -190,19 +191,22 @@ class MeshHub:
         if caller == peer:
             raise errors.InvalidRequest("a mesh bridge needs two different principals")
         key = (caller, peer)
-        if key in self._waiting or key in self._bridges:
+        if key in self._claimed:
             self._metrics.mesh_bridges.labels("conflict").inc()
             raise errors.Conflict(f"a mesh connection {caller} -> {peer} is already open")
-
-        if await receive() != {"type": "websocket.connect"}:
-            return
-        counterpart = self._waiting.pop((peer, caller), None)
-        if counterpart is not None and not counterpart.paired.done():
-            await self._join(key, counterpart, receive, send)
-        elif self._relay_url is not None:
-            await self._relay(key, receive, send)
-        else:
-            await self._wait(key, receive, send)
+        self._claimed.add(key)
+        try:
+            if await receive() != {"type": "websocket.connect"}:
+                return
+            counterpart = self._waiting.pop((peer, caller), None)
+            if counterpart is not None and not counterpart.paired.done():
+                await self._join(key, counterpart, receive, send)
+            elif self._relay_url is not None:
+                await self._relay(key, receive, send)
+            else:
+                await self._wait(key, receive, send)
+        finally:
+            self._claimed.discard(key)
 
     async def _join(self, key: PairKey, counterpart: _Waiter, receive: Receive, send: Send) -> None:
         await send({"type": "websocket.accept"})

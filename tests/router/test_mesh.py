@@ -420,3 +420,12 @@ async def test_bridge_closes_when_its_edge_expires(router_server: Callable[..., 
             await asyncio.wait_for(side.recv(), WAIT_S)
         assert info.value.rcvd is not None and info.value.rcvd.code == 1008
     assert dt.datetime.now(dt.UTC) >= soon
+
+
+async def test_simultaneous_duplicates_get_one_connection_and_one_409(mesh_router: Any) -> None:
+    results = await asyncio.gather(*(dial(mesh_router, "team/a", "team/b") for _ in range(4)), return_exceptions=True)
+    opened = [r for r in results if isinstance(r, ClientConnection)]
+    refused_ = [r for r in results if isinstance(r, websockets.InvalidStatus)]
+    assert len(opened) == 1 and len(refused_) == 3, results
+    assert all(r.response.status_code == 409 for r in refused_)
+    await opened[0].close()
