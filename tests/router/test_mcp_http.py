@@ -277,3 +277,51 @@ def test_upstream_killed_mid_call_ends_the_session_cleanly(router_server: Callab
         fresh = initialize(router)
         assert sse_messages(call(router, fresh, "echo", {"text": "back"}))[0]["result"]["content"][0]["text"] == "back"
         assert httpx.delete(f"{router.url}/mcp/tools", headers=headers(router, **{"mcp-session-id": fresh})).is_success
+
+
+def test_policy_reload_applies_to_open_sessions(start: Callable[..., Any], upstream: Any, policy_dir: Path) -> None:
+    router = start()
+    session = initialize(router)
+    assert "result" in sse_messages(call(router, session, "secret", {}))[0]
+    ms.write_policy(
+        policy_dir,
+        ms.mcp_server_doc("tools", upstream[1], "streamable-http"),
+        ms.tool_policy_doc("no-secret", "appliesTo: {mcpServer: tools, tool: secret}\ndecision: deny\n"),
+    )
+    router.call(router.app.state.kars.policy.reload())
+    assert sse_messages(call(router, session, "secret", {}))[0]["error"]["code"] == -32001
+    listed = httpx.post(
+        f"{router.url}/mcp/tools",
+        json={"jsonrpc": "2.0", "id": 5, "method": "tools/list"},
+        headers=headers(router, **{"mcp-session-id": session}),
+    )
+    names = [t["name"] for t in sse_messages(listed)[0]["result"]["tools"]]
+    assert "echo" in names and "secret" not in names
+
+
+def test_legacy_sse_endpoint_event_keepalive_and_statuses(start: Callable[..., Any]) -> None:
+    router = start(mcp={"keepAliveS": 0.05})
+    auth = {"authorization": f"Bearer {ms.token(router)}"}
+    with (
+        httpx.Client(base_url=router.url, timeout=10, headers=auth) as client,
+        client.stream("GET", "/mcp/tools/sse", headers={"accept": "text/event-stream"}) as stream,
+    ):
+        assert stream.status_code == 200
+        lines = stream.iter_lines()
+        assert next(lines) == "event: endpoint"
+        endpoint = next(lines).removeprefix("data: ")
+        assert endpoint.startswith("/mcp/tools/messages?sessionId=")  # relative: on the router's own origin
+        assert next(lines) == ""
+        assert next(lines) == ": keep-alive"
+        json_type = {"content-type": "application/json"}
+        ping = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+        assert client.post(endpoint, json=INIT).status_code == 202  # the reply comes down the stream
+        assert client.post("/mcp/tools/messages", json=ping).status_code == 400  # no sessionId
+        assert client.post("/mcp/tools/messages?sessionId=nope", json=ping).status_code == 404
+        assert client.post(endpoint, content=b"{}", headers={"content-type": "text/plain"}).status_code == 415
+        assert client.post(endpoint, content=b"{nope", headers=json_type).status_code == 400
+        assert client.post(endpoint, json=ping, headers={"origin": "http://evil.example"}).status_code == 403
+        reply = next(line for line in lines if line.startswith("data: "))
+        assert json.loads(reply.removeprefix("data: "))["result"]["protocolVersion"] == VERSION
+    assert httpx.get(f"{router.url}/mcp/tools/sse", headers={**auth, "accept": "application/json"}).status_code == 406
+    router.call(router.app.state.kars.mcp.table.wait_size(0), timeout=5)  # the stream closed: session over

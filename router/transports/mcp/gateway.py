@@ -194,6 +194,8 @@ class Gateway:
             return
         method = message.get("method")
         request_id = message.get("id")
+        if self._store.snapshot.generation != session.generation:
+            self._refresh_gate(session)  # policy reloaded: this request is judged by the new one
         if method == "tools/call" and not await self._admit_call(session, message, target):
             return
         if method == "tools/list":
@@ -208,9 +210,6 @@ class Gateway:
     async def _admit_call(self, session: sessions.Session, message: dict[str, Any], target: Any) -> bool:
         params = message.get("params")
         tool = str(params.get("name")) if isinstance(params, dict) else ""
-        snapshot = self._store.snapshot
-        if snapshot.generation != session.generation:
-            self._refresh_gate(session)
         decision = session.gate.decide(tool)
         request_id = message.get("id")
         started = time.perf_counter()
