@@ -230,8 +230,14 @@ async def relay() -> AsyncIterator[dict[str, Any]]:
     async def handler(conn: ServerConnection) -> None:
         assert conn.request is not None
         seen["headers"].append((conn.request.headers.get("X-Kars-From"), conn.request.headers.get("X-Kars-To")))
-        async for message in conn:
-            await conn.send(message)
+        try:
+            async for message in conn:
+                if message == "close-me":
+                    await conn.close(4003, "relay says bye")
+                    break
+                await conn.send(message)
+        except websockets.ConnectionClosed:
+            pass  # a close code other than 1000/1001 ends the iteration with an error
         seen["closed"] = conn.close_code
 
     async with serve(handler, "127.0.0.1", 0) as server:
@@ -251,7 +257,27 @@ async def test_peer_not_here_is_bridged_through_the_relay(
     assert await asyncio.wait_for(a.recv(), WAIT_S) == "über"
     assert await asyncio.wait_for(a.recv(), WAIT_S) == b"\x00\xff"
     assert relay["headers"] == [("team/a", "team/b")]
+    await a.send("close-me")
+    with pytest.raises(websockets.ConnectionClosed) as info:
+        await asyncio.wait_for(a.recv(), WAIT_S)
+    assert info.value.rcvd is not None
+    assert (info.value.rcvd.code, info.value.rcvd.reason) == (4003, "relay says bye")
+
+
+async def test_caller_close_code_reaches_the_relay(
+    router_server: Callable[..., Any], policy_dir: Path, graph: trustgraphs.Graph, relay: dict[str, Any]
+) -> None:
+    graph.write(policy_dir)
+    srv = router_server(mesh={"relayUrl": relay["url"]})
+    a = await dial(srv, "team/a", "team/b")
+    await a.send("x")
+    assert await asyncio.wait_for(a.recv(), WAIT_S) == "x"
     await a.close(4002, "bye")
+    for _ in range(500):  # bounded: up to 5 s for the relay's handler to see the close
+        if "closed" in relay:
+            break
+        await asyncio.sleep(0.01)
+    assert relay.get("closed") == 4002
 
 
 async def test_unreachable_relay_is_502_before_the_upgrade(
