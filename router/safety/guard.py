@@ -146,7 +146,11 @@ class OutputGuard:
 
     async def _sse(self, message: Message) -> None:
         more = message.get("more_body", False)
-        events = _sse.events(message.get("body", b""))
+        body = message.get("body", b"")
+        if not self._lanes and b"filter_results" not in body:  # nothing to rate, no annotation in it
+            await self._release_start()
+            return await self._send(message)
+        events = _sse.events(body)
         cleared: list[bytes] = []  # events every provider has passed, sent together at the end
         for event in events:
             self._held.append(event)

@@ -180,8 +180,12 @@ def test_streamed_prompt_annotation_is_a_plain_400(make_settings: MS, tmp_path: 
         assert inner(r) == {"sexual": {"filtered": True, "severity": "high"}}
 
 
-def test_streamed_output_blocked_midway_by_annotation(make_settings: MS, tmp_path: Path) -> None:
-    with safety_stack(make_settings, tmp_path) as s:
+@pytest.mark.parametrize("local_floor", [True, False])
+def test_streamed_output_blocked_midway_by_annotation(make_settings: MS, tmp_path: Path, local_floor: bool) -> None:
+    off = {"localFloor": {"promptInjection": False}}  # no provider at all: annotations only
+    with safety_stack(make_settings, tmp_path, safety=None if local_floor else off) as s:
+        assert (s.app.state.kars.safety.providers != ()) is local_floor
+        assert words(stream_events(s, "hi", deployment="flag-output-hate-low")) == "Hello from the fake upstream."
         events = stream_events(s, "hi", deployment="flag-output-hate-high")
         assert words(events) == "Hello from"  # the chunks before the flagged one
         error = events[-2]
