@@ -26,8 +26,8 @@ from router.app import build_app
 from router.identity import devtokens
 from tests.fakes.content_safety import FakeContentSafety
 from tests.fakes.foundry import FakeFoundry, Recorded
-from tests.router.foundry_support import SANDBOX, UPSTREAM_KEY
-from tests.support import servers
+from tests.router.foundry_support import SANDBOX, UPSTREAM_KEY, StateRecorder
+from tests.support import servers, waiting
 
 CATEGORIES = ("hate", "self_harm", "sexual", "violence")
 FLAGGED_CHUNK = 2  # which content chunk of a flagged stream carries the output annotation
@@ -166,6 +166,12 @@ class SafetyStack:
     router: servers.ServerThread
     app: Any
     token: str
+    recorder: StateRecorder
+
+    def log_fields(self) -> dict[str, Any]:
+        """The access-log fields of the last request, once the router has returned from it."""
+        waiting.until(lambda: self.recorder.states, timeout_s=5, what="a finished request")
+        return self.recorder.states[-1].get("kars.log", {})  # type: ignore[no-any-return]
 
     def tokens(self, sandbox: str) -> str:
         return devtokens.issue(self.app.state.kars.dev_key, sandbox, audience="kars-router")
@@ -198,6 +204,7 @@ def safety_stack(
             tree |= {"contentSafetyEndpoint": endpoint, "contentSafetyKeyFile": str(cs_key)}
         settings = make_settings(foundry={"endpoint": upstream.url, "apiKeyFile": str(foundry_key)}, safety=tree)
         app = build_app(settings)
-        with servers.serve(app) as router:
+        recorder = StateRecorder(app)
+        with servers.serve(recorder) as router:
             token = devtokens.issue(app.state.kars.dev_key, SANDBOX, audience="kars-router")
-            yield SafetyStack(fake, cs, router, app, token)
+            yield SafetyStack(fake, cs, router, app, token, recorder)
