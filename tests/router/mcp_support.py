@@ -50,9 +50,10 @@ def build_upstream() -> MCPServer:
         return (ctx.headers or {}).get("authorization", "none")
 
     @server.tool()
-    async def count(n: int, ctx: Context) -> str:
+    async def count(n: int, ctx: Context, step_s: float = 0.0) -> str:
         for i in range(n):
             await ctx.report_progress(i + 1, n, f"step {i + 1}")
+            await asyncio.sleep(step_s)  # a slow tool, not a synchronisation
         return f"counted {n}"
 
     @server.tool()

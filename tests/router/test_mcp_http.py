@@ -210,7 +210,7 @@ def test_last_event_id_resumes_a_broken_stream(start: Callable[..., Any]) -> Non
         "jsonrpc": "2.0",
         "id": 9,
         "method": "tools/call",
-        "params": {"name": "count", "arguments": {"n": 3}, "_meta": {"progressToken": "p"}},
+        "params": {"name": "count", "arguments": {"n": 3, "step_s": 0.2}, "_meta": {"progressToken": "p"}},
     }
     hdrs = headers(router, **{"mcp-session-id": session, "mcp-protocol-version": VERSION})
     with (
@@ -219,6 +219,7 @@ def test_last_event_id_resumes_a_broken_stream(start: Callable[..., Any]) -> Non
     ):
         first = next(e for e in source.iter_sse() if e.event == "message")  # then drop the connection
     assert json.loads(first.data)["method"] == "notifications/progress"
+    # The tool is still running: the resumed GET takes the stream over from the dropped POST.
     hdrs = headers(router, **{"mcp-session-id": session, "last-event-id": first.id})
     resumed = httpx.get(f"{router.url}/mcp/tools", headers=hdrs, timeout=10)
     rest = sse_messages(resumed)

@@ -2,11 +2,15 @@
 
 The response ends when the stream closes (a POST's last response went out, the session
 ended) or the client goes away; what was not yet sent stays in the stream for a resumption.
+A POST's stream usually ends within milliseconds, so its disconnect watcher starts only once
+the stream has been idle for a keep-alive period (``watch_now=False``): the common call costs
+no extra task. Long-lived streams (GET, legacy SSE) watch from the start.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 from starlette.types import Receive, Send
@@ -24,20 +28,42 @@ async def serve(
     keep_alive_s: float,
     headers: list[tuple[bytes, bytes]],
     preamble: bytes = b"",
+    watch_now: bool = True,
 ) -> None:
     await send({"type": "http.response.start", "status": 200, "headers": [*_wire.SSE_HEADERS, *headers]})
     if preamble:
         await send({"type": "http.response.body", "body": preamble, "more_body": True})
-    gone: asyncio.Task[Any] = asyncio.ensure_future(gateway.wait_disconnect(receive))
-    stream.attached = True
+    gone: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    watcher: asyncio.Task[None] | None = None
+
+    async def watch() -> None:
+        await gateway.wait_disconnect(receive)
+        if not gone.done():
+            gone.set_result(None)
+
+    if watch_now:
+        watcher = asyncio.create_task(watch())
+    if stream.reader is not None and not stream.reader.done():
+        stream.reader.set_result(None)  # a resumption replaces a reader whose client went away
+    stream.reader = gone
     session.busy += 1
     try:
-        async for event in stream.follow(after, keep_alive_s, gone):
-            await send({"type": "http.response.body", "body": event or _wire.KEEPALIVE_COMMENT, "more_body": True})
+        async with contextlib.aclosing(stream.follow(after, keep_alive_s, gone)) as follow:
+            async for events in follow:
+                if events is None:
+                    if watcher is None:
+                        watcher = asyncio.create_task(watch())
+                    events = _wire.KEEPALIVE_COMMENT
+                last = stream.closed and not stream.has_more(after=stream.delivered)
+                await send({"type": "http.response.body", "body": events, "more_body": not last})
+                if last:
+                    return
         if not gone.done():
             await send({"type": "http.response.body", "body": b"", "more_body": False})
     finally:
-        stream.attached = False
+        if stream.reader is gone:
+            stream.reader = None
         session.busy -= 1
         session.touch()
-        gone.cancel()
+        if watcher is not None:
+            watcher.cancel()

@@ -13,9 +13,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import itertools
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any, Literal
 
 from router import errors
@@ -32,7 +33,7 @@ class Stream:
         self.seq = 0
         self.delivered = 0  # highest seq a reader has taken
         self.closed = False
-        self.attached = False
+        self.reader: asyncio.Future[Any] | None = None  # the open response writing this stream: its stop
         self.open_requests = 0  # responses still owed on this stream
         self._events: collections.deque[bytes] = collections.deque(maxlen=replay_limit)
         self._changed: asyncio.Future[None] = asyncio.get_running_loop().create_future()  # done: news
@@ -47,6 +48,13 @@ class Stream:
         self.closed = True
         self._wake()
 
+    @property
+    def attached(self) -> bool:
+        return self.reader is not None
+
+    def has_more(self, *, after: int) -> bool:
+        return after < self.seq
+
     def _wake(self) -> None:
         if not self._changed.done():
             self._changed.set_result(None)
@@ -56,9 +64,9 @@ class Stream:
             self._changed = asyncio.get_running_loop().create_future()
         return self._changed
 
-    async def follow(self, after: int, idle_s: float, stop: asyncio.Future[Any]) -> AsyncIterator[bytes | None]:
-        """Events after seq ``after`` as they come, until closed or ``stop`` is done;
-        ``None`` after ``idle_s`` without an event (time for a keep-alive comment)."""
+    async def follow(self, after: int, idle_s: float, stop: asyncio.Future[Any]) -> AsyncGenerator[bytes | None, None]:
+        """Events after seq ``after`` as they come (those ready at once joined in one chunk), until
+        closed or ``stop`` is done; ``None`` after ``idle_s`` without one (time for a keep-alive)."""
         loop = asyncio.get_running_loop()
         cursor = after
 
@@ -70,10 +78,11 @@ class Stream:
             while True:
                 if cursor < self.seq:
                     first = self.seq - len(self._events) + 1
-                    for i in range(max(cursor + 1, first) - first, len(self._events)):
-                        yield self._events[i]
+                    start = max(cursor + 1, first) - first
+                    batch = b"".join(itertools.islice(self._events, start, None))  # all ready: one write
                     cursor = self.seq
                     self.delivered = max(self.delivered, cursor)
+                    yield batch
                     continue
                 if self.closed or stop.done():
                     return

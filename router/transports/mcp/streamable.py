@@ -117,6 +117,7 @@ class StreamableEndpoint:
             after=0,
             keep_alive_s=self.gw.settings.keep_alive_s,
             headers=[(b"mcp-session-id", session.id.encode())],
+            watch_now=False,
         )
 
     async def _get(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -132,8 +133,8 @@ class StreamableEndpoint:
             if found is None or not seq.isdigit():
                 raise errors.NotFound("Last-Event-ID names no stream of this session")
             stream, after = found, int(seq)
-        if stream.attached:
-            raise errors.Conflict("this stream already has a reader")
+        if stream.attached and last is None:
+            raise errors.Conflict("this session already has a GET stream open")
         await _out.serve(
             stream,
             session,
