@@ -139,6 +139,11 @@ class Snapshot:
     def a2a_agent(self, namespace: str, name: str) -> model.A2AAgent | None:
         return self._a2a_agents.get((namespace, name))
 
+    @property
+    def has_a2a_agents(self) -> bool:
+        """Whether any A2AAgent is in force (lets the identity layer skip its signed-request check)."""
+        return bool(self._a2a_agents)
+
     def trust_edge(self, source: str, target: str, now: dt.datetime) -> trustgraph.TrustEdge | None:
         """The verified, unexpired edge ``source -> target`` that reaches its graph's minScore."""
         edge = self._edges.get((source, target))
