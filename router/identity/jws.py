@@ -279,10 +279,11 @@ def verify_request(
     now = time.time() if now is None else now
     try:
         header = jwt.get_unverified_header(token)
-        unverified = jwt.decode(token, options={"verify_signature": False})
-    except jwt.PyJWTError as exc:
+        # A peek at iss to find the key (an unverified jwt.decode costs ~30x more); verified below.
+        unverified = json.loads(jwt.utils.base64url_decode(token.split(".")[1]))
+    except (jwt.PyJWTError, ValueError, IndexError) as exc:
         raise JwsError("malformed", "the bearer is not a compact JWS") from exc
-    iss = unverified.get("iss")
+    iss = unverified.get("iss") if isinstance(unverified, dict) else None
     if not isinstance(iss, str):
         raise JwsError("unknown_issuer", "the signed request has no iss")
     namespace, _, name = iss.partition("/")
