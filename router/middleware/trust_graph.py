@@ -1,6 +1,7 @@
 """TrustGraph admission (SPEC.md §5, §6): caller -> target needs a verified, live edge.
 
-Applies to ``/a2a/{agent}...`` (target: the A2AAgent ``{agent}`` in the caller's namespace) and
+Applies to ``/a2a/{agent}...`` (target: the A2AAgent ``{agent}`` in the caller's namespace; one
+that does not exist goes on to the transport's 404) and
 ``/mesh/{ns}/{name}`` (target: ``ns/name``), on HTTP and WebSocket scopes alike, so a mesh
 caller without an edge is refused with HTTP 403 before any upgrade. Every other route goes
 straight through. One decision is one dictionary lookup in the snapshot (``trust_edge``),
@@ -68,7 +69,11 @@ class TrustGraphMiddleware:
         target = target_of(path, principal)
         if target is None:  # a malformed path: the router answers 404 for it
             return await self.app(scope, receive, send)
-        edge = self._policy.snapshot.trust_edge(principal.id, target, self._clock())
+        snap = self._policy.snapshot
+        if path.startswith(A2A_PREFIX) and snap.a2a_agent(*target.split("/", 1)) is None:
+            # No such A2AAgent in the caller's namespace: the transport answers 404 (SPEC.md §4, §5).
+            return await self.app(scope, receive, send)
+        edge = snap.trust_edge(principal.id, target, self._clock())
         if edge is None:
             self._metrics.trust_admissions.labels("denied").inc()
             fields = st.get(_asgi.LOG_FIELDS)

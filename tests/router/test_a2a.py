@@ -144,7 +144,7 @@ async def test_bad_input_is_refused_in_the_error_shape(setup: Setup, http: httpx
 
 async def test_agents_of_other_namespaces_do_not_exist(setup: Setup, policy_dir: Path, http: httpx.AsyncClient) -> None:
     resp = await http.get(f"{setup.router.url}/a2a/nobody/.well-known/agent-card.json")
-    assert resp.status_code == 403  # no edge to team/nobody either: admission answers first
+    assert resp.status_code == 404 and resp.json()["error"]["code"] == "not_found"
     # other/caller has an edge to other/echo but no A2AAgent other/echo exists: 404.
     trustgraphs.Graph().edge("team/caller", "team/echo").edge("other/caller", "other/echo").write(policy_dir)
     store = setup.router.app.state.kars.policy

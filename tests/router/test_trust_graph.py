@@ -81,12 +81,24 @@ def test_edge_expiring_while_loaded_stops_admitting(start: Callable[..., Any]) -
     waiting.until(lambda: mesh_status(srv, "ns/a", "ns/b")[0] == 403, timeout_s=10, what="the edge to expire")
 
 
-def test_a2a_route_needs_an_edge_to_the_agent_in_the_callers_namespace(start: Callable[..., Any]) -> None:
+def test_a2a_route_needs_an_edge_to_the_agent_in_the_callers_namespace(
+    start: Callable[..., Any], policy_dir: Path
+) -> None:
+    agents = [
+        f"apiVersion: kars.azure.com/v1alpha1\nkind: A2AAgent\nmetadata: {{name: agent, namespace: {ns}}}\n"
+        "spec: {endpointUrl: 'http://127.0.0.1:9/'}\n"
+        for ns in ("ns", "other")
+    ]
+    (policy_dir / "agents.yaml").write_text("---\n".join(agents))
     srv = start(trustgraphs.Graph().edge("ns/a", "other/agent"))
     tok = devtokens.issue(srv.app.state.kars.dev_key, "ns/a", audience="kars-router")
+    auth = {"Authorization": f"Bearer {tok}"}
     # ns/a calling /a2a/agent means ns/agent: the edge to other/agent does not count.
-    resp = httpx.post(f"{srv.url}/a2a/agent", headers={"Authorization": f"Bearer {tok}"}, json={}, timeout=5)
+    resp = httpx.post(f"{srv.url}/a2a/agent", headers=auth, json={}, timeout=5)
     assert resp.status_code == 403 and resp.json()["error"]["code"] == "trust_edge_missing"
+    # An agent that does not exist in the caller's namespace is a 404, edge or not.
+    resp = httpx.post(f"{srv.url}/a2a/nobody", headers=auth, json={}, timeout=5)
+    assert resp.status_code == 404 and resp.json()["error"]["code"] == "not_found"
 
 
 def test_target_of_paths() -> None:
