@@ -140,7 +140,7 @@ class OutputGuard:
             doc = json.loads(body)
         except ValueError:
             doc = None
-        await self._check(doc, texts.output_of(doc), stream=False)
+        await self._check_whole(doc, texts.output_of(doc))
         await self._release_start()
         await self._send(message)
 
@@ -186,16 +186,17 @@ class OutputGuard:
         annotated = foundry.output_findings(doc) if doc is not None else []
         return judge.decide([*annotated, *found], down, "output")
 
-    async def _check(self, doc: Any, text: str, *, stream: bool) -> None:
+    async def _check_whole(self, doc: Any, text: str) -> None:
+        """A whole JSON reply: its annotations, and its text rated by every provider at once."""
         judge = self._judge
         blocked = verdict.tripped(foundry.prompt_findings(doc), judge.ceilings)
         if blocked:
-            await self._end(judge.block(blocked, "prompt"), stream=stream)
+            await self._end(judge.block(blocked, "prompt"), stream=False)
         calls = [(p.name, p.check_output(text)) for p in judge.providers] if text else []
         found, down = await judge_mod.gather(calls) if calls else ([], None)
         refusal = judge.decide([*foundry.output_findings(doc), *found], down, "output")
         if refusal is not None:
-            await self._end(refusal, stream=stream)
+            await self._end(refusal, stream=False)
 
     async def _end(self, error: errors.KarsError, *, stream: bool = True, before: Sequence[bytes] = ()) -> None:
         """Stop the response with ``error``: in-stream (after the ``before`` events), or as the whole answer.
