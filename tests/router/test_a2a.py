@@ -196,3 +196,15 @@ async def test_subscribe_list_and_cancel_through_the_router(
     with pytest.raises(Exception) as info:  # a completed task cannot be cancelled: the agent's own error
         await client.cancel_task(CancelTaskRequest(id=task_id))
     assert "cancel" in str(info.value).lower()
+
+
+async def test_unreachable_agent_is_502(router_server: Callable[..., Any], policy_dir: Path) -> None:
+    (policy_dir / "agents.yaml").write_text(a2a_agent_yaml("gone", "http://127.0.0.1:9/"))
+    trustgraphs.Graph().edge("team/caller", "team/gone").write(policy_dir)
+    router = router_server()
+    tok = devtokens.issue(router.app.state.kars.dev_key, "team/caller", audience="kars-router")
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {tok}"}, timeout=WAIT_S) as http:
+        resp = await http.post(f"{router.url}/a2a/gone", json={"jsonrpc": "2.0", "id": 1, "method": "tasks/get"})
+        assert resp.status_code == 502 and resp.json()["error"]["code"] == "upstream_unavailable"
+        resp = await http.get(f"{router.url}/a2a/gone/.well-known/agent-card.json")
+        assert resp.status_code == 502
