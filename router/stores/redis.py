@@ -13,6 +13,9 @@ replica reserves next. The scripts are idempotent, so the client may retry one a
 a reserve whose reservation exists answers "admitted" again without charging twice, and a
 settle or release of a reservation already ``done`` does nothing.
 
+A reserve whose reply is lost (a timeout after the script ran) answers 503 to its caller and
+holds its tokens until its deadline: the error costs budget, never overspends it.
+
 The sweep reaches reservation keys not passed in ``KEYS``: fine on a standalone Redis (or a
 primary with replicas), not on Redis Cluster, which would need every key in one hash slot.
 """
@@ -31,9 +34,9 @@ from redis.exceptions import RedisError
 from router.stores import base
 
 PREFIX = "kars:budget:"
-CONNECT_TIMEOUT_S = 1.0
-COMMAND_TIMEOUT_S = 2.0
-POOL_WAIT_S = 2.0  # how long a request waits for a free pooled connection
+CONNECT_TIMEOUT_S = 1.0  # a Redis that is down fails requests fast (503), it does not hang them
+COMMAND_TIMEOUT_S = 5.0  # generous: an event loop busy with a burst reads replies late
+POOL_WAIT_S = 10.0  # a burst queues for a pooled connection rather than failing closed
 MAX_CONNECTIONS = 64
 RETRIES = 2  # safe: every script is idempotent
 DONE_TTL_S = 600  # a settled reservation is remembered this long, so a retried settle is a no-op
