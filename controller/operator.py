@@ -52,6 +52,7 @@ def build_registry(ctl: reconciler.Controller, settings: config.ControllerSettin
     async def _start(**_: Any) -> None:
         tasks.append(asyncio.create_task(ctl.run_projection(stop), name="kars-projection"))
         tasks.append(asyncio.create_task(ctl.run_router_poll(stop), name="kars-router-poll"))
+        tasks.append(asyncio.create_task(ctl.run_status_updates(stop), name="kars-status"))
 
     @on.cleanup(registry=registry)
     async def _stop(**_: Any) -> None:
@@ -72,7 +73,7 @@ def build_registry(ctl: reconciler.Controller, settings: config.ControllerSettin
                 problem = ctl.validation_error(dict(body))
                 if problem is not None:
                     kopf.warn(body, reason="InvalidPolicy", message=problem)
-                    ctl._dirty.set()
+                    ctl.mark_dirty()
 
     sandboxes = {"registry": registry, "backoff": HANDLER_BACKOFF_S}
 

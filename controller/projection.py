@@ -63,22 +63,52 @@ def as_written(body: Body) -> dict[str, Any]:
     return {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": kept, "spec": body.get("spec")}
 
 
-def compile_resources(bodies: Iterable[Body]) -> Compiled:
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Entry:
+    item: dict[str, Any]  # what goes into the kind's file
+    digest: str | None  # None: invalid
+    error: str | None
+
+
+Cache = dict[Key, tuple[str, _Entry]]  # key -> (the CR as written, JSON, its compiled entry)
+
+
+def _compile_one(key: Key, written: dict[str, Any]) -> _Entry:
+    parsed = load.parse_document(written, load.Source("/".join(k for k in key if k), 1))
+    if isinstance(parsed, load.DocError):
+        return _Entry(written, None, parsed.summary())
+    return _Entry(digest.canonical(parsed.resource), digest.of_resource(parsed.resource), None)
+
+
+def compile_resources(bodies: Iterable[Body], cache: Cache | None = None) -> Compiled:
+    """The projection of ``bodies``. With a ``cache`` (kept by the caller between calls), a CR
+    whose written form did not change is not validated and digested again."""
     items: dict[str, list[tuple[Key, dict[str, Any]]]] = {kind: [] for kind in PLURALS}
     digests: dict[Key, str] = {}
     errors: dict[Key, str] = {}
+    seen: set[Key] = set()
     for body in bodies:
         key = key_of(body)
         if key[0] not in PLURALS:
             continue
         written = as_written(body)
-        parsed = load.parse_document(written, load.Source("/".join(k for k in key if k), 1))
-        if isinstance(parsed, load.DocError):
-            errors[key] = parsed.summary()
-            items[key[0]].append((key, written))
-            continue
-        digests[key] = digest.of_resource(parsed.resource)
-        items[key[0]].append((key, digest.canonical(parsed.resource)))
+        fingerprint = json.dumps(written, sort_keys=True)
+        cached = cache.get(key) if cache is not None else None
+        if cached is not None and cached[0] == fingerprint:
+            entry = cached[1]
+        else:
+            entry = _compile_one(key, written)
+            if cache is not None:
+                cache[key] = (fingerprint, entry)
+        seen.add(key)
+        items[key[0]].append((key, entry.item))
+        if entry.digest is not None:
+            digests[key] = entry.digest
+        else:
+            errors[key] = entry.error or "invalid"
+    if cache is not None:
+        for gone in set(cache) - seen:
+            del cache[gone]
     files: dict[str, str] = {}
     for kind, entries in items.items():
         entries.sort(key=lambda e: e[0])

@@ -54,9 +54,11 @@ class Controller:
         self.clock = clock
         self.index: dict[Key, Body] = {}
         self.compiled = projection.compile_resources(())
+        self._compile_cache: projection.Cache = {}
         self.router_status: dict[str, Any] | None = None
         self._written: dict[Key, tuple[str, ...]] = {}  # last status we patched, per CR
         self._dirty = asyncio.Event()
+        self._statuses_dirty = asyncio.Event()
         self._invalid_reported: dict[Key, str] = {}
         self.projection_writes = 0
 
@@ -78,6 +80,9 @@ class Controller:
             self._dirty.set()
             return True
         return False
+
+    def mark_dirty(self) -> None:
+        self._dirty.set()
 
     def validation_error(self, body: Mapping[str, Any]) -> str | None:
         """The model's complaint about a CR, reported once per distinct message."""
@@ -111,13 +116,26 @@ class Controller:
                 delay = min(delay * 2, self.settings.router_poll_max_s)
 
     async def write_projection(self) -> None:
-        compiled = projection.compile_resources(self.index.values())
+        compiled = projection.compile_resources(self.index.values(), self._compile_cache)
         s = self.settings
         annotations = {projection.DIGEST_ANNOTATION: compiled.digest}
         if await self.kube.apply_configmap(s.policy_namespace, s.policy_configmap, compiled.files, annotations):
             self.projection_writes += 1
         self.compiled = compiled
-        await self.update_statuses()
+        self._statuses_dirty.set()
+
+    async def run_status_updates(self, stop: asyncio.Event) -> None:
+        """Patch statuses after each projection or router report, apart from the projection
+        loop, so that patching hundreds of statuses never delays the next ConfigMap write."""
+        while not stop.is_set():
+            await self._statuses_dirty.wait()
+            self._statuses_dirty.clear()
+            try:
+                await self.update_statuses()
+            except (kopf.TemporaryError, kopf.PermanentError) as exc:
+                log.warning("status update failed, retrying: %s", exc)
+                self._statuses_dirty.set()
+                await asyncio.sleep(kube.RETRY_DELAY_S)
 
     # -- router readiness ---------------------------------------------------------------------
 
@@ -128,11 +146,9 @@ class Controller:
         while not stop.is_set():
             try:
                 self.router_status = await router.fetch()
-                await self.update_statuses()
+                self._statuses_dirty.set()
             except routerstatus.RouterUnavailable as exc:
                 log.warning("router status unavailable (next try in %.1fs): %s", router.next_delay_s, exc)
-            except (kopf.TemporaryError, kopf.PermanentError) as exc:
-                log.warning("status update failed: %s", exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=router.next_delay_s)
 

@@ -70,7 +70,7 @@ class Cluster:
         return _plain(self.api.objects[key])
 
     def requests(self, method: str, path_part: str) -> list[Any]:
-        return [r for r in self.api._requests if str(r.method) == method and path_part in r.url.path]
+        return [r for r in self.api._requests if r.method == method and path_part in r.url.path]
 
     def events(self, namespace: str) -> list[dict[str, Any]]:
         out = []

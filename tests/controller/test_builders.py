@@ -194,3 +194,14 @@ async def test_router_client_backs_off_and_recovers(tmp_path: Path) -> None:
     with pytest.raises(routerstatus.RouterUnavailable):
         await unreachable.fetch()
     await unreachable.aclose()
+
+
+def test_projection_cache_gives_the_same_result_and_forgets_deleted_resources() -> None:
+    bodies = [_body("McpServer", "a", {"url": "http://a"}), _body("McpServer", "bad", {"url": "ftp://x"})]
+    cache: projection.Cache = {}
+    first = projection.compile_resources(bodies, cache)
+    assert first == projection.compile_resources(bodies) == projection.compile_resources(bodies, cache)
+    changed = [_body("McpServer", "a", {"url": "http://changed"})]
+    second = projection.compile_resources(changed, cache)
+    assert second == projection.compile_resources(changed)
+    assert set(cache) == {("McpServer", "ns", "a")}

@@ -228,5 +228,6 @@ async def test_invalid_sandbox_fails_permanently_with_an_event_and_no_hot_loop(
         assert events[0]["involvedObject"]["name"] == "agent-1"
         assert cluster.get("pods", NS, "agent-1") is None
         patches = len(cluster.requests("PATCH", "/karssandboxes/agent-1"))
+        assert patches >= 1  # the status patch that said Failed
         await asyncio.sleep(1.0)  # a window in which a hot loop would patch again and again
         assert len(cluster.requests("PATCH", "/karssandboxes/agent-1")) == patches
