@@ -88,8 +88,9 @@ def _upstream(kind: str, work: Path) -> tuple[list[str], str, str]:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench mcp")
-    parser.add_argument("--seconds", type=float, default=8)
+    parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--sessions", type=int, default=16)
+    parser.add_argument("--repeat", type=int, default=3, help="alternating direct/router runs; the best is shown")
     args = parser.parse_args(argv)
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {int(_load.LOAD_CORE)})  # the load generator shares core 1 with the upstream
@@ -110,33 +111,38 @@ def main(argv: list[str]) -> int:
         ).stdout.strip()
         for kind in ("streamable", "sse"):
             up_argv, up_base, up_url = _upstream(kind, work)
-            up_env = {"PYTHONPATH": str(_load.ROOT)}
-            with _process(up_argv, ready_url=f"{up_base}/ready-probe", log=work / f"upstream-{kind}.log", env=up_env):
-                rows.append((kind, "direct", load(up_url, kind, {})))
-                policy = work / f"policy-{kind}"
-                policy.mkdir()
-                transport = "streamable-http" if kind == "streamable" else "sse"
-                (policy / "mcp.yaml").write_text(POLICY.format(url=up_url, transport=transport))
-                port = _load.free_port()
-                router = [sys.executable, "-m", "router", "router", "--policy-dir", str(policy), "--port", str(port)]
-                env = {"KARS_LOG_ACCESS": "false", "KARS_BUDGETS_STORE": "memory"}
-                base = f"http://127.0.0.1:{port}"
-                with _process(
+            policy = work / f"policy-{kind}"
+            policy.mkdir()
+            transport = "streamable-http" if kind == "streamable" else "sse"
+            (policy / "mcp.yaml").write_text(POLICY.format(url=up_url, transport=transport))
+            port = _load.free_port()
+            router = [sys.executable, "-m", "router", "router", "--policy-dir", str(policy), "--port", str(port)]
+            base = f"http://127.0.0.1:{port}"
+            url = f"{base}/mcp/echo" + ("/sse" if kind == "sse" else "")
+            with (
+                _process(up_argv, ready_url=f"{up_base}/ready-probe", log=work / f"upstream-{kind}.log"),
+                _process(
                     _load.pinned(_load.SERVER_CORE, router),
                     ready_url=f"{base}/readyz",
                     log=work / f"router-{kind}.log",
-                    env=env,
-                ) as proc:
-                    url = f"{base}/mcp/echo" + ("/sse" if kind == "sse" else "")
+                    env={"KARS_LOG_ACCESS": "false", "KARS_BUDGETS_STORE": "memory"},
+                ) as proc,
+            ):
+                # Direct and routed runs alternate, so a burst of load from elsewhere hits both alike.
+                direct, routed = [], []
+                for _ in range(args.repeat):
+                    direct.append(load(up_url, kind, {}))
                     cpu0 = _cpu_s(proc.pid)
                     result = load(url, kind, {"authorization": f"Bearer {token}"})
                     calls = result["calls_per_s"] * args.seconds
                     result["router_cpu_us"] = (_cpu_s(proc.pid) - cpu0) / max(calls, 1) * 1e6
-                    rows.append((kind, "kars router", result))
-                audited = (work / f"router-{kind}.log").read_text().count('"mcp.tools_call"')
-                print(f"{kind}: {audited} audit records written by the router", file=sys.stderr)
+                    routed.append(result)
+            rows.append((kind, "direct", max(direct, key=lambda r: r["calls_per_s"])))
+            rows.append((kind, "kars router", max(routed, key=lambda r: r["calls_per_s"])))
+            audited = (work / f"router-{kind}.log").read_text().count('"mcp.tools_call"')
+            print(f"{kind}: {audited} audit records written by the router", file=sys.stderr)
 
-    print(f"{args.sessions} sessions, {args.seconds:g} s each run, echo tool\n")
+    print(f"{args.sessions} sessions, echo tool, best of {args.repeat} alternating {args.seconds:g} s runs\n")
     print(
         "| client | path | calls/s | vs direct | p50 ms | p99 ms | added p50 ms | failures | load-gen CPU "
         "| router CPU/call |"

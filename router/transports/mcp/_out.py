@@ -67,3 +67,48 @@ async def serve(
         session.touch()
         if watcher is not None:
             watcher.cancel()
+
+
+async def serve_inline(
+    stream: sessions.Stream,
+    session: sessions.Session,
+    send: Send,
+    pump: gateway.Pump,
+    *,
+    headers: list[tuple[bytes, bytes]],
+) -> None:
+    """Answer one POSTed request while pumping it: each upstream message goes out as it arrives.
+
+    Events still go through ``stream`` (numbered, kept for ``Last-Event-ID``); a resumed GET
+    that takes the stream over gets the rest, while this response stops writing. The pump runs
+    to the upstream's response even if the client has gone, so a resumption finds it complete.
+    """
+    await send({"type": "http.response.start", "status": 200, "headers": [*_wire.SSE_HEADERS, *headers]})
+    mine: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    stream.reader = mine
+    session.busy += 1
+
+    async def flush() -> None:
+        if stream.reader is mine:
+            batch = stream.take()
+            if batch:
+                await send({"type": "http.response.body", "body": batch, "more_body": True})
+
+    task = asyncio.current_task()
+    assert task is not None
+    session.inline.add(task)
+    try:
+        try:
+            await pump.run(after_each=flush)
+        except asyncio.CancelledError:
+            if not session.ended:
+                raise
+            task.uncancel()  # the gateway ended the session: its error answer is in the stream
+        if stream.reader is mine:
+            await send({"type": "http.response.body", "body": stream.take(), "more_body": False})
+    finally:
+        session.inline.discard(task)
+        if stream.reader is mine:
+            stream.reader = None
+        session.busy -= 1
+        session.touch()

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -172,15 +173,22 @@ class Gateway:
         for stream in session.streams.values():
             stream.close()
         current = asyncio.current_task()
-        for task in list(session.tasks):
+        for task in [*session.tasks, *session.inline]:
             if task is not current:
                 task.cancel()
         await session.upstream.close()
 
     # -- dispatch -----------------------------------------------------------------------------
 
-    async def dispatch(self, session: sessions.Session, message: dict[str, Any], raw: bytes, target: Any) -> None:
-        """Handle one client message; replies to requests go to stream ``target``."""
+    async def dispatch(
+        self, session: sessions.Session, message: dict[str, Any], raw: bytes, target: Any, *, inline: bool = False
+    ) -> Pump | None:
+        """Handle one client message; replies to requests go to stream ``target``.
+
+        A request that goes upstream is pumped by a task of the session; with ``inline`` the
+        caller gets the pump instead and runs it itself (one Streamable HTTP POST, one request:
+        no task and no hand-off on the hot path).
+        """
         session.touch()
         if not _wire.is_request(message):
             try:
@@ -191,13 +199,13 @@ class Gateway:
             if message.get("method") == "notifications/initialized" and not session.listening:
                 session.listening = True
                 session.spawn(self._listen(session), "kars-mcp-listen")
-            return
+            return None
         method = message.get("method")
         request_id = message.get("id")
         if self._store.snapshot.generation != session.generation:
             self._refresh_gate(session)  # policy reloaded: this request is judged by the new one
         if method == "tools/call" and not await self._admit_call(session, message, target):
-            return
+            return None
         if method == "tools/list":
             session.lists.add(request_id)
         elif method == "initialize":
@@ -205,7 +213,11 @@ class Gateway:
         target.open_requests += 1
         session.pending[request_id] = target
         session.busy += 1
-        session.spawn(self._pump(session, message, raw, target), "kars-mcp-pump")
+        pump = Pump(self, session, message, raw, target)
+        if inline:
+            return pump
+        session.spawn(pump.run(), "kars-mcp-pump")
+        return None
 
     async def _admit_call(self, session: sessions.Session, message: dict[str, Any], target: Any) -> bool:
         params = message.get("params")
@@ -259,11 +271,20 @@ class Gateway:
             session.gate = policy.Gate(server, snapshot.tool_policies(ns, name), labels)
         session.generation = snapshot.generation
 
-    async def _pump(self, session: sessions.Session, message: dict[str, Any], raw: bytes, target: Any) -> None:
+    async def _pump(
+        self,
+        session: sessions.Session,
+        message: dict[str, Any],
+        raw: bytes,
+        target: Any,
+        after_each: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         request_id = message.get("id")
         try:
             async for item, text in session.upstream.request(message, raw):
                 self._deliver(session, item, target, text)
+                if after_each is not None:
+                    await after_each()
             if request_id in session.pending:
                 # The stream ended without the response (the connection dropped): the request
                 # is lost upstream, so the session cannot be trusted to be in step any more.
@@ -343,6 +364,20 @@ class Gateway:
         if self.settings.audit_arguments:
             record["arguments"] = arguments
         audit_log.info("tools/call", extra={"fields": record})
+
+
+class Pump:
+    """Moves the upstream's messages about one request onto its client stream until the response."""
+
+    __slots__ = ("gw", "message", "raw", "session", "target")
+
+    def __init__(
+        self, gw: Gateway, session: sessions.Session, message: dict[str, Any], raw: bytes, target: Any
+    ) -> None:
+        self.gw, self.session, self.message, self.raw, self.target = gw, session, message, raw, target
+
+    async def run(self, after_each: Callable[[], Awaitable[None]] | None = None) -> None:
+        await self.gw._pump(self.session, self.message, self.raw, self.target, after_each)
 
 
 def _is_tool_error(item: dict[str, Any]) -> bool:

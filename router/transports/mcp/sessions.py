@@ -55,6 +55,15 @@ class Stream:
     def has_more(self, *, after: int) -> bool:
         return after < self.seq
 
+    def take(self) -> bytes:
+        """Every event not yet delivered, joined (and now counted as delivered)."""
+        if self.delivered >= self.seq:
+            return b""
+        first = self.seq - len(self._events) + 1
+        batch = b"".join(itertools.islice(self._events, max(self.delivered + 1, first) - first, None))
+        self.delivered = self.seq
+        return batch
+
     def _wake(self) -> None:
         if not self._changed.done():
             self._changed.set_result(None)
@@ -139,6 +148,7 @@ class Session:
         self.lists: set[Any] = set()  # ids of tools/list requests in flight
         self.initialize_ids: set[Any] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.inline: set[asyncio.Task[Any]] = set()  # request handlers pumping a request themselves
         self.last_active = time.monotonic()
         self.busy = 0
         self.ended = False

@@ -105,8 +105,15 @@ class StreamableEndpoint:
             await send({"type": "http.response.body", "body": b""})
             return
         stream = session.new_stream()
-        for message, raw in zip(messages, raws, strict=True):
-            await self.gw.dispatch(session, message, raw, stream)
+        headers = [(b"mcp-session-id", session.id.encode())]
+        if len(messages) == 1:
+            pump = await self.gw.dispatch(session, messages[0], raws[0], stream, inline=True)
+            if pump is not None:
+                await _out.serve_inline(stream, session, send, pump, headers=headers)
+                return
+        else:
+            for message, raw in zip(messages, raws, strict=True):
+                await self.gw.dispatch(session, message, raw, stream)
         if stream.open_requests == 0:
             stream.close()  # every request was answered by the router itself (policy)
         await _out.serve(
@@ -116,7 +123,7 @@ class StreamableEndpoint:
             send,
             after=0,
             keep_alive_s=self.gw.settings.keep_alive_s,
-            headers=[(b"mcp-session-id", session.id.encode())],
+            headers=headers,
             watch_now=False,
         )
 
