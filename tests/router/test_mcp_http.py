@@ -326,3 +326,12 @@ def test_legacy_sse_endpoint_event_keepalive_and_statuses(start: Callable[..., A
         assert json.loads(reply.removeprefix("data: "))["result"]["protocolVersion"] == VERSION
     assert httpx.get(f"{router.url}/mcp/tools/sse", headers={**auth, "accept": "application/json"}).status_code == 406
     router.call(router.app.state.kars.mcp.table.wait_size(0), timeout=5)  # the stream closed: session over
+
+
+def test_a_server_whose_secret_is_missing_is_503_not_an_unauthenticated_call(
+    start: Callable[..., Any], upstream: Any, tmp_path: Path
+) -> None:
+    doc = ms.mcp_server_doc("locked", upstream[1], "streamable-http", "auth: {bearerFromSecret: nope}\n")
+    router = start(doc, mcp={"secretsDir": str(tmp_path)})
+    refused = httpx.post(f"{router.url}/mcp/locked", json=INIT, headers=headers(router))
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "upstream_not_configured"

@@ -15,34 +15,18 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
-from router import _asgi, errors
-from router.identity import principal as principal_mod
+from router import errors
 from router.observability import metrics as metrics_mod
-from router.policy import model
 from router.policy import store as store_mod
 from router.settings import McpSettings
-from router.transports.mcp import _wire, policy, sessions, upstream
+from router.transports.mcp import _wire, admission, audit, policy, sessions, upstream
 from router.upstream import http
 
 log = logging.getLogger("kars.mcp")
-audit_log = logging.getLogger("kars.audit")
 
-LOOPBACK_ORIGINS = ("http://localhost:*", "http://127.0.0.1:*", "http://[::1]:*")
 KEEP_FINISHED_STREAMS = 32  # closed request streams kept per session for Last-Event-ID replay
-
-
-def _origin_allowed(origin: str, patterns: tuple[str, ...]) -> bool:
-    for pattern in patterns:
-        if pattern == origin:
-            return True
-        if pattern.endswith(":*"):
-            base = pattern[:-2]
-            if origin == base or (origin.startswith(base + ":") and origin[len(base) + 1 :].isdigit()):
-                return True
-    return False
 
 
 class Gateway:
@@ -57,7 +41,8 @@ class Gateway:
             max_per_principal=settings.max_sessions_per_principal, idle_timeout_s=settings.session_idle_timeout_s
         )
         self.limiters = policy.Limiters()
-        self._origins = (*LOOPBACK_ORIGINS, *settings.allowed_origins)
+        self._auditor = audit.Auditor(metrics, with_arguments=settings.audit_arguments)
+        self._origins = (*admission.LOOPBACK_ORIGINS, *settings.allowed_origins)
         self._reaper: asyncio.Task[None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -83,56 +68,15 @@ class Gateway:
     # -- admission ----------------------------------------------------------------------------
 
     def check_origin(self, scope: Any) -> None:
-        """Streamable HTTP 2025-11-25 "Security Warning": a present, unknown Origin is a 403."""
-        raw = _asgi.header(scope, b"origin")
-        if raw is not None and not _origin_allowed(raw.decode("latin-1"), self._origins):
-            raise errors.Forbidden("Origin not allowed for MCP", code="origin_not_allowed")
-
-    @staticmethod
-    def principal(scope: Any) -> principal_mod.Principal:
-        who = _asgi.state(scope).get(_asgi.PRINCIPAL)
-        if who is None:
-            raise errors.Unauthenticated("no principal", code="missing_credentials")
-        return who  # type: ignore[no-any-return]
-
-    def _gate(self, who: principal_mod.Principal, name: str) -> tuple[model.McpServer, policy.Gate, int]:
-        snapshot = self._store.snapshot
-        server = snapshot.mcp_server(who.namespace, name) if who.namespace else None
-        if server is None:
-            raise errors.NotFound(f"no MCP server {name!r} in namespace {who.namespace!r}")
-        labels = snapshot.sandbox_labels(who.namespace, who.name)
-        selector = server.spec.allowed_sandboxes
-        if selector is not None and not policy.labels_match(selector.match_labels, labels):
-            raise errors.Forbidden(f"{who.id} is not in McpServer {who.namespace}/{name} allowedSandboxes")
-        gate = policy.Gate(server, snapshot.tool_policies(who.namespace, name), labels)
-        return server, gate, snapshot.generation
-
-    async def _bearer(self, server: model.McpServer) -> str | None:
-        secret = server.spec.auth.bearer_from_secret if server.spec.auth else None
-        if not secret:
-            return None
-        base = self.settings.secrets_dir
-        if base is None or "/" in secret or secret.startswith("."):
-            raise errors.ServiceUnavailable(
-                f"McpServer {server.namespace}/{server.name}: secret {secret!r} not available (mcp.secretsDir)",
-                code="upstream_not_configured",
-            )
-        path = Path(base) / secret
-        try:
-            value = await asyncio.to_thread(path.read_text, encoding="utf-8")
-        except OSError as exc:
-            raise errors.ServiceUnavailable(
-                f"McpServer {server.namespace}/{server.name}: cannot read secret {secret!r}",
-                code="upstream_not_configured",
-            ) from exc
-        return value.strip() or None
+        admission.check_origin(scope, self._origins)
 
     async def open(self, scope: Any, name: str, kind: sessions.ClientKind) -> sessions.Session:
         """A new session for the caller, its upstream session already connected (legacy SSE)."""
-        who = self.principal(scope)
-        server, gate, generation = self._gate(who, name)
+        who = admission.principal(scope)
+        snapshot = self._store.snapshot
+        server, gate = admission.admit(snapshot, who, name)
         self.table.check_capacity(who.id)
-        bearer = await self._bearer(server)
+        bearer = await admission.upstream_bearer(server, self.settings.secrets_dir)
         link: upstream.Upstream
         if server.spec.transport == "sse":
             link = upstream.SseUpstream(self.pool, server.spec.url, bearer)
@@ -144,7 +88,7 @@ class Gateway:
             server=(who.namespace, name),
             kind=kind,
             gate=gate,
-            generation=generation,
+            generation=snapshot.generation,
             link=link,
             replay_limit=self.settings.replay_events,
         )
@@ -157,7 +101,7 @@ class Gateway:
         return session
 
     def find(self, scope: Any, name: str, session_id: str) -> sessions.Session:
-        who = self.principal(scope)
+        who = admission.principal(scope)
         return self.table.get(session_id, who.id, (who.namespace, name))
 
     async def end(self, session: sessions.Session, reason: str) -> None:
@@ -253,22 +197,7 @@ class Gateway:
     def _refresh_gate(self, session: sessions.Session) -> None:
         """Policy changed since the session opened: decide with the new snapshot."""
         snapshot = self._store.snapshot
-        ns, name = session.server
-        server = snapshot.mcp_server(ns, name)
-        labels = snapshot.sandbox_labels(ns, session.principal.partition("/")[2])
-        selector = server.spec.allowed_sandboxes if server is not None else None
-        if server is None or (selector is not None and not policy.labels_match(selector.match_labels, labels)):
-            gone = model.McpServer.model_validate(
-                {
-                    "apiVersion": "kars.azure.com/v1alpha1",
-                    "kind": "McpServer",
-                    "metadata": {"name": name, "namespace": ns},
-                    "spec": {"url": "http://removed.invalid/", "allowedTools": []},
-                }
-            )
-            session.gate = policy.Gate(gone, (), labels)
-        else:
-            session.gate = policy.Gate(server, snapshot.tool_policies(ns, name), labels)
+        session.gate = admission.regate(snapshot, session.principal, session.server)
         session.generation = snapshot.generation
 
     async def _pump(
@@ -344,26 +273,16 @@ class Gateway:
         outcome: str,
         params: Any,
     ) -> None:
-        server = f"{session.server[0]}/{session.server[1]}"
-        latency_s = time.perf_counter() - started
-        self._metrics.mcp_tool_calls.labels(server, tool, decision, outcome).inc()
-        if decision == "allow":
-            self._metrics.mcp_tool_call_latency.labels(server, tool).observe(latency_s)
-        arguments = params.get("arguments") if isinstance(params, dict) else None
-        record: dict[str, Any] = {
-            "event": "mcp.tools_call",
-            "principal": session.principal,
-            "server": server,
-            "tool": tool,
-            "decision": decision,
-            "policy": policy_name,
-            "latency_ms": round(latency_s * 1000, 3),
-            "outcome": outcome,
-            "argument_names": sorted(arguments) if isinstance(arguments, dict) else [],
-        }
-        if self.settings.audit_arguments:
-            record["arguments"] = arguments
-        audit_log.info("tools/call", extra={"fields": record})
+        self._auditor.tool_call(
+            principal=session.principal,
+            server=f"{session.server[0]}/{session.server[1]}",
+            tool=tool,
+            decision=decision,
+            policy=policy_name,
+            started=started,
+            outcome=outcome,
+            params=params,
+        )
 
 
 class Pump:

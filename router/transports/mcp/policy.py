@@ -79,6 +79,16 @@ class Gate:
                 self._by_tool.setdefault(p.spec.applies_to.tool, []).append(p)
         self._memo: dict[str, Decision] = {}
 
+    @classmethod
+    def closed(cls, server_id: str) -> Gate:
+        """A gate that denies every tool: the server was removed from policy while a session was open."""
+        gate = cls.__new__(cls)
+        gate.server_id = server_id
+        gate._all_tools = False
+        gate._allowed_tools = frozenset()
+        gate._by_tool, gate._wildcard, gate._memo = {}, [], {}
+        return gate
+
     def decide(self, tool: str) -> Decision:
         hit = self._memo.get(tool)
         if hit is None:

@@ -1,0 +1,55 @@
+"""The audit record and metrics of each MCP ``tools/call`` (SPEC.md §4).
+
+One JSON record per call on the ``kars.audit`` logger: principal, server, tool, decision,
+deciding policy, latency and outcome. Argument names are logged, their values only when
+``mcp.auditArguments`` is on (they may hold personal or secret data).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from router.observability import metrics as metrics_mod
+
+log = logging.getLogger("kars.audit")
+
+
+class Auditor:
+    def __init__(self, metrics: metrics_mod.Metrics, *, with_arguments: bool) -> None:
+        self._metrics = metrics
+        self._with_arguments = with_arguments
+
+    def tool_call(
+        self,
+        *,
+        principal: str,
+        server: str,
+        tool: str,
+        decision: str,
+        policy: str,
+        started: float,
+        outcome: str,
+        params: Any,
+    ) -> None:
+        """``decision``: allow | deny | rate_limited; ``started``: ``time.perf_counter()`` at arrival."""
+        latency_s = time.perf_counter() - started
+        self._metrics.mcp_tool_calls.labels(server, tool, decision, outcome).inc()
+        if decision == "allow":
+            self._metrics.mcp_tool_call_latency.labels(server, tool).observe(latency_s)
+        arguments = params.get("arguments") if isinstance(params, dict) else None
+        record: dict[str, Any] = {
+            "event": "mcp.tools_call",
+            "principal": principal,
+            "server": server,
+            "tool": tool,
+            "decision": decision,
+            "policy": policy,
+            "latency_ms": round(latency_s * 1000, 3),
+            "outcome": outcome,
+            "argument_names": sorted(arguments) if isinstance(arguments, dict) else [],
+        }
+        if self._with_arguments:
+            record["arguments"] = arguments
+        log.info("tools/call", extra={"fields": record})

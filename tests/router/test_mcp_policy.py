@@ -1,0 +1,94 @@
+"""Tool-policy decisions and origin matching of the MCP gateway, as pure functions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from router.policy import model
+from router.transports.mcp import admission, policy
+
+
+def server(**spec: Any) -> model.McpServer:
+    return model.McpServer.model_validate(
+        {
+            "apiVersion": "kars.azure.com/v1alpha1",
+            "kind": "McpServer",
+            "metadata": {"name": "tools", "namespace": "team-a"},
+            "spec": {"url": "http://127.0.0.1:9/mcp", **spec},
+        }
+    )
+
+
+def tool_policy(name: str, tool: str, decision: str, **applies: Any) -> model.ToolPolicy:
+    return model.ToolPolicy.model_validate(
+        {
+            "apiVersion": "kars.azure.com/v1alpha1",
+            "kind": "ToolPolicy",
+            "metadata": {"name": name, "namespace": "team-a"},
+            "spec": {"appliesTo": {"mcpServer": "tools", "tool": tool, **applies}, "decision": decision},
+        }
+    )
+
+
+def test_allowed_tools_is_an_allow_list_that_policies_cannot_widen() -> None:
+    gate = policy.Gate(server(allowedTools=["echo"]), (tool_policy("all", "*", "allow"),), {})
+    assert gate.decide("echo").allowed
+    refused = gate.decide("other")
+    assert not refused.allowed and refused.policy == "McpServer team-a/tools allowedTools"
+    assert not policy.Gate(server(allowedTools=[]), (), {}).decide("echo").allowed
+
+
+def test_specific_policy_beats_wildcard_and_deny_wins_among_equals() -> None:
+    policies = (
+        tool_policy("deny-all", "*", "deny"),
+        tool_policy("echo-ok", "echo", "allow"),
+        tool_policy("risky-ok", "risky", "allow"),
+        tool_policy("risky-no", "risky", "deny"),
+    )
+    gate = policy.Gate(server(), policies, {})
+    assert gate.decide("echo") == policy.Decision(True, "ToolPolicy team-a/echo-ok")
+    assert gate.decide("risky") == policy.Decision(False, "ToolPolicy team-a/risky-no")
+    assert gate.decide("anything") == policy.Decision(False, "ToolPolicy team-a/deny-all")
+    assert policy.Gate(server(), (), {}).decide("anything") == policy.Decision(True, "default")
+
+
+def test_policies_apply_only_to_matching_sandbox_labels() -> None:
+    deny_gold = tool_policy("no-gold", "echo", "deny", sandboxMatchLabels={"tier": "gold"})
+    assert not policy.Gate(server(), (deny_gold,), {"tier": "gold"}).decide("echo").allowed
+    assert policy.Gate(server(), (deny_gold,), {"tier": "free"}).decide("echo").allowed
+
+
+def test_tools_list_filtering_keeps_the_cursor() -> None:
+    gate = policy.Gate(server(), (tool_policy("no-x", "x", "deny"),), {})
+    result = {"tools": [{"name": "x"}, {"name": "y"}], "nextCursor": "abc"}
+    assert gate.filter_tools(result) == {"tools": [{"name": "y"}], "nextCursor": "abc"}
+    assert policy.Gate.closed("team-a/tools").filter_tools(result)["tools"] == []
+
+
+@pytest.mark.parametrize(
+    ("origin", "allowed"),
+    [
+        ("http://localhost:3000", True),
+        ("http://127.0.0.1:8443", True),
+        ("http://localhost", True),
+        ("http://localhost.evil.example:80", False),
+        ("http://localhost:80abc", False),
+        ("https://app.example.com", True),
+        ("https://app.example.com:8443", False),
+        ("null", False),
+    ],
+)
+def test_origin_patterns(origin: str, allowed: bool) -> None:
+    patterns = (*admission.LOOPBACK_ORIGINS, "https://app.example.com")
+    assert admission.origin_allowed(origin, patterns) is allowed
+
+
+async def test_rate_limit_bucket_gives_a_retry_hint() -> None:
+    limiters = policy.Limiters()
+    limit = model.RateLimit(rps=2.0, burst=2)
+    assert await limiters.try_acquire("p", "echo", "team-a/a", limit) is None
+    assert await limiters.try_acquire("p", "echo", "team-a/a", limit) is None
+    assert await limiters.try_acquire("p", "echo", "team-a/a", limit) == 0.5
+    assert await limiters.try_acquire("p", "echo", "team-a/b", limit) is None  # per caller
