@@ -10,6 +10,7 @@ with a delay, so a handler retries with backoff and never hot-loops.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
@@ -200,6 +201,33 @@ class Kube:
             call = self.custom.patch_cluster_custom_object_status
             args = (model.API_GROUP, "v1alpha1", plural, name, patch)
         await _call(what, call(*args, _content_type=MERGE_PATCH), missing_ok=True)
+
+    async def post_event(self, obj: Mapping[str, Any], *, type_: str, reason: str, message: str) -> None:
+        """A core/v1 Event about ``obj``, for findings outside kopf handlers (which post their own)."""
+        meta = obj.get("metadata", {})
+        namespace = meta.get("namespace") or "default"  # events about cluster-scoped objects
+        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": "kars-", "namespace": namespace},
+            "involvedObject": {
+                "apiVersion": obj.get("apiVersion"),
+                "kind": obj.get("kind"),
+                "name": meta.get("name"),
+                "namespace": meta.get("namespace"),
+                "uid": meta.get("uid"),
+            },
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": "kars-controller"},
+            "reportingComponent": "kars-controller",
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        await _call(f"post Event {reason}", self.core.create_namespaced_event(namespace, event))
 
     async def delete_sandbox(self, namespace: str, name: str) -> None:
         await _call(

@@ -109,8 +109,8 @@ class Controller:
             try:
                 await self.write_projection()
                 delay = kube.RETRY_DELAY_S
-            except (kopf.TemporaryError, kopf.PermanentError) as exc:
-                log.warning("projection not written, retrying in %.0fs: %s", delay, exc)
+            except Exception as exc:  # this loop must outlive any failure; back off and retry
+                log.warning("projection not written, retrying in %.0fs: %s", delay, exc, exc_info=_unexpected(exc))
                 self._dirty.set()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.settings.router_poll_max_s)
@@ -132,8 +132,8 @@ class Controller:
             self._statuses_dirty.clear()
             try:
                 await self.update_statuses()
-            except (kopf.TemporaryError, kopf.PermanentError) as exc:
-                log.warning("status update failed, retrying: %s", exc)
+            except Exception as exc:  # this loop must outlive any failure; back off and retry
+                log.warning("status update failed, retrying: %s", exc, exc_info=_unexpected(exc))
                 self._statuses_dirty.set()
                 await asyncio.sleep(kube.RETRY_DELAY_S)
 
@@ -194,6 +194,12 @@ class Controller:
         async def one(key: Key, status: Body, fingerprint: tuple[str, ...]) -> None:
             async with gate:
                 await self.kube.patch_status(projection.PLURALS[key[0]], key[1], key[2], status)
+                ready = conditions.get_condition(status.get("conditions"), "Ready") or {}
+                if ready.get("reason") == "RouterRejected" and key in self.index:
+                    # A permanent error: say why on the object, once per distinct reason.
+                    await self.kube.post_event(
+                        self.index[key], type_="Warning", reason="RouterRejected", message=ready["message"]
+                    )
             self._written[key] = fingerprint
             if key in self.index:
                 self.index[key].setdefault("status", {}).update(status)
@@ -274,6 +280,11 @@ class Controller:
         if not unchanged:
             await self.kube.patch_status("karssandboxes", ns, str(name), status)
             body.setdefault("status", {}).update(status)
+
+
+def _unexpected(exc: Exception) -> bool:
+    """A failure that is not one of the API errors ``controller.kube`` maps: log its traceback."""
+    return not isinstance(exc, (kopf.TemporaryError, kopf.PermanentError))
 
 
 def _valid_ref(ref: Any) -> bool:
