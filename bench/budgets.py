@@ -10,8 +10,9 @@
    (no network, no server), without a budget policy and with one on each store; the CPU of the
    SQLite thread counts, Redis's own does not.
 3. The router: non-streaming ~1 KB chat completions through ``kars router`` (pinned to core 0)
-   to a minimal fake upstream (core 1), with no budget policy (the budget layer passes through)
-   and with a three-window budget on each store; wrk on core 1, 32 connections.
+   to a minimal fake upstream (core 1), under an InferencePolicy without a budget (the budget layer
+   passes through; every other layer sees the same policy) and with a three-window budget on each
+   store; wrk on core 1, 32 connections; the best of ``--rounds`` interleaved rounds.
 """
 
 from __future__ import annotations
@@ -51,6 +52,14 @@ kind: InferencePolicy
 metadata: {name: bench, namespace: bench}
 spec:
   tokenBudget: {hourlyTokens: 1000000000000, dailyTokens: 1000000000000, monthlyTokens: 1000000000000}
+"""
+# The same policy without its budget: every other layer sees a policy either way.
+NO_BUDGET_POLICY = """\
+apiVersion: kars.azure.com/v1alpha1
+kind: InferencePolicy
+metadata: {name: bench, namespace: bench}
+spec:
+  appliesTo: {action: "*"}
 """
 UPSTREAM_APP = """
 import json
@@ -239,13 +248,14 @@ def kars_router(work: Path, policy_dir: Path, upstream: str, budgets: dict[str, 
         yield url
 
 
-def router_table(seconds: int, work: Path) -> list[str]:
+def router_table(seconds: int, rounds: int, work: Path) -> list[str]:
     (work / "upstream_app.py").write_text(UPSTREAM_APP)
     (work / "upstream-key").write_text("bench-key\n")
     (work / "request.lua").write_text(WRK_SCRIPT)
     off, on = work / "policy-off", work / "policy-on"
     off.mkdir()
     on.mkdir()
+    (off / "bench.yaml").write_text(NO_BUDGET_POLICY)
     (on / "bench.yaml").write_text(POLICY)
     token = subprocess.run(
         [sys.executable, "-m", "router", "token", "issue", "--sandbox", "bench/agent", "--ttl", "1h"],
@@ -259,44 +269,51 @@ def router_table(seconds: int, work: Path) -> list[str]:
     upstream += ["--http", "httptools", "--no-access-log", "--log-level", "warning"]
     upstream_url = f"http://127.0.0.1:{port}"
     cases: list[tuple[str, Path, dict[str, str]]] = [
-        ("no budget policy (layer passes through)", off, {"KARS_BUDGETS_STORE": "memory"}),
+        ("policy without a budget (layer passes through)", off, {"KARS_BUDGETS_STORE": "memory"}),
         ("budget, memory store", on, {"KARS_BUDGETS_STORE": "memory"}),
         ("budget, SQLite store", on, {"KARS_BUDGETS_STORE": "sqlite", "KARS_BUDGETS_SQLITE_PATH": "budgets.db"}),
         ("budget, Redis store", on, {"KARS_BUDGETS_STORE": "redis"}),
     ]
-    rows = ["| router | requests/s | vs no budget | p50 ms | p99 ms | non-2xx |", "|---|---:|---:|---:|---:|---:|"]
-    base_rps = 0.0
+    best: dict[str, _load.WrkResult] = {}
     # Redis shares the router's core: the other one is saturated by wrk and the upstream.
     with (
         redis_server(_load.SERVER_CORE) as redis_url,
         _load.process(_load.pinned(_load.LOAD_CORE, upstream), ready_url=upstream_url, cwd=work),
     ):
-        for name, policy_dir, budgets in cases:
-            if budgets["KARS_BUDGETS_STORE"] == "redis":
-                budgets = {**budgets, "KARS_BUDGETS_REDIS_URL": redis_url}
-            with kars_router(work, policy_dir, upstream_url, budgets) as url:
-                r = _load.wrk(
-                    url + PATH,
-                    seconds=seconds,
-                    headers=(f"Authorization: Bearer {token}",),
-                    script=work / "request.lua",
-                )
-            base_rps = base_rps or r.requests_per_s
-            rows.append(
-                f"| {name} | {r.requests_per_s:,.0f} | {r.requests_per_s / base_rps:.2f}x | {r.p50_ms:.2f} | "
-                f"{r.p99_ms:.2f} | {r.non_2xx + r.errors} |"
-            )
+        # Interleaved rounds, best of each: load from other processes drifts during a run.
+        for _ in range(rounds):
+            for name, policy_dir, budgets in cases:
+                if budgets["KARS_BUDGETS_STORE"] == "redis":
+                    budgets = {**budgets, "KARS_BUDGETS_REDIS_URL": redis_url}
+                with kars_router(work, policy_dir, upstream_url, budgets) as url:
+                    r = _load.wrk(
+                        url + PATH,
+                        seconds=seconds,
+                        headers=(f"Authorization: Bearer {token}",),
+                        script=work / "request.lua",
+                    )
+                if name not in best or r.requests_per_s > best[name].requests_per_s:
+                    best[name] = r
+    rows = ["| router | requests/s | vs no budget | p50 ms | p99 ms | non-2xx |", "|---|---:|---:|---:|---:|---:|"]
+    base_rps = best[cases[0][0]].requests_per_s
+    for name, _, _ in cases:
+        r = best[name]
+        rows.append(
+            f"| {name} | {r.requests_per_s:,.0f} | {r.requests_per_s / base_rps:.2f}x | {r.p50_ms:.2f} | "
+            f"{r.p99_ms:.2f} | {r.non_2xx + r.errors} |"
+        )
     return rows
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench budgets")
     parser.add_argument("--seconds", type=int, default=5, help="per measurement")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved router rounds (best of)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         lines = store_table(min(args.seconds, 3), work)
         lines += ["", *layer_table(work), ""]
-        lines += router_table(args.seconds, work)
+        lines += router_table(args.seconds, args.rounds, work)
     print("\n".join(lines))
     return 0
