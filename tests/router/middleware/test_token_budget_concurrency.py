@@ -23,9 +23,12 @@ import httpx
 import pytest
 import yaml
 
+from router import budgets, stores
 from router import settings as settings_mod
 from router.app import build_app
 from router.identity import devtokens
+from router.policy import model
+from router.stores import base
 from tests.fakes.foundry import FakeFoundry
 from tests.router.middleware.budget_support import (
     SANDBOX,
@@ -175,7 +178,7 @@ def chat_one(srv: Any, body: dict[str, Any]) -> httpx.Response:
 
 
 @contextlib.contextmanager
-def router_process(config: Path, port: int, log: Path) -> Iterator[str]:
+def router_process(config: Path, port: int, log: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """``python -m router router --config CONFIG`` as a subprocess, ready on loopback."""
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -193,7 +196,7 @@ def router_process(config: Path, port: int, log: Path) -> Iterator[str]:
                         break
                 assert time.monotonic() < deadline, f"router not ready: {log.read_text()}"
                 time.sleep(0.05)
-            yield url
+            yield url, proc
         finally:
             proc.terminate()
             try:
@@ -203,29 +206,36 @@ def router_process(config: Path, port: int, log: Path) -> Iterator[str]:
                 proc.wait(10)
 
 
+def write_config(tmp_path: Path, policy_dir: Path, budgets: dict[str, Any], upstream: str) -> Path:
+    key_file = tmp_path / "foundry-key"
+    key_file.write_text(UPSTREAM_KEY + "\n")
+    tree: dict[str, Any] = {
+        "policy": {"dir": str(policy_dir)},
+        "identity": {"devKeyFile": str(tmp_path / "dev-key.pem")},
+        "budgets": budgets,
+        "foundry": {"endpoint": upstream, "apiKeyFile": str(key_file)},
+        "log": {"access": False, "level": "warning"},
+    }
+    config = tmp_path / "router.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    return config
+
+
 @pytest.mark.parametrize("store", ["redis", "sqlite"])
 async def test_two_router_processes_share_one_budget(
     store: str, request: pytest.FixtureRequest, tmp_path: Path, policy_dir: Path
 ) -> None:
     limit = 5_000
     write_policy(policy_dir, dailyTokens=limit)
-    key_file = tmp_path / "foundry-key"
-    key_file.write_text(UPSTREAM_KEY + "\n")
     fake = FakeFoundry(api_key=UPSTREAM_KEY)
     with servers.serve(fake) as upstream:
-        tree: dict[str, Any] = {
-            "policy": {"dir": str(policy_dir)},
-            "identity": {"devKeyFile": str(tmp_path / "dev-key.pem")},
-            "budgets": store_settings(store, request, tmp_path),
-            "foundry": {"endpoint": upstream.url, "apiKeyFile": str(key_file)},
-            "log": {"access": False, "level": "warning"},
-        }
-        config = tmp_path / "router.yaml"
-        config.write_text(yaml.safe_dump(tree))
+        config = write_config(tmp_path, policy_dir, store_settings(store, request, tmp_path), upstream.url)
         app = build_app(settings_mod.load(config))
-        key = app.state.kars.dev_key
-        bearer = devtokens.issue(key, SANDBOX, audience="kars-router")
-        with servers.serve(app) as first, router_process(config, servers.free_port(), tmp_path / "b.log") as second:
+        bearer = devtokens.issue(app.state.kars.dev_key, SANDBOX, audience="kars-router")
+        with (
+            servers.serve(app) as first,
+            router_process(config, servers.free_port(), tmp_path / "b.log") as (second, _),
+        ):
             # Streamed through the real transport; the fake upstream holds every stream open until released.
             bodies = [chat_body(WORST, model="gated", stream=True) for _ in range(REQUESTS)]
             results = await storm([(first.url, bearer), (second, bearer)], bodies, fake.release)
@@ -240,3 +250,51 @@ async def test_two_router_processes_share_one_budget(
                 assert (day["used"], day["reserved"]) == (admitted * 15, 0)  # the fake's usage: 15 per reply
             served = [r for r in results if r.status == 200]
             assert all(r.body.endswith(b"data: [DONE]\n\n") for r in served)
+
+
+@pytest.mark.parametrize("store", ["redis", "sqlite"])
+async def test_a_killed_routers_reservations_are_swept_after_their_deadline(
+    store: str, request: pytest.FixtureRequest, tmp_path: Path, policy_dir: Path
+) -> None:
+    write_policy(policy_dir, dailyTokens=10_000)
+    fake = FakeFoundry(api_key=UPSTREAM_KEY)
+    with servers.serve(fake) as upstream:
+        budget_settings = store_settings(store, request, tmp_path)
+        config = write_config(tmp_path, policy_dir, budget_settings, upstream.url)
+        settings = settings_mod.load(config)
+        bearer = devtokens.issue(build_app(settings).state.kars.dev_key, SANDBOX, audience="kars-router")
+        body = chat_body(WORST, model="gated", stream=True)
+        with router_process(config, servers.free_port(), tmp_path / "b.log") as (url, proc):
+            async with httpx.AsyncClient(timeout=10) as client:
+                for _ in range(3):  # three streams held open upstream: three reservations in force
+                    req = client.build_request(
+                        "POST", f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {bearer}"}
+                    )
+                    resp = await client.send(req, stream=True)
+                    assert resp.status_code == 200
+                proc.kill()  # the router dies without settling anything
+                proc.wait(10)
+        fake.release()
+
+        store_obj = stores.create(settings.budgets)
+        await store_obj.open()
+        try:
+            now = time.time()
+            lines = budgets.lines(policies_of(policy_dir), "team-a", "agent-1", now)
+            counters = [line.counter for line in lines]
+            assert await store_obj.read(counters) == [base.Counter(0, 3 * WORST)]
+            # Before the deadline nothing is swept; after it, the next reserve on any replica releases them.
+            charges = [line.charge() for line in lines]
+            later = now + base.RESERVATION_TTL_S + 1
+            await store_obj.reserve("live", charges, 1, deadline=later + 60, now=now)
+            assert await store_obj.read(counters) == [base.Counter(0, 3 * WORST + 1)]
+            await store_obj.reserve("next", charges, 1, deadline=later + 60, now=later)
+            assert await store_obj.read(counters) == [base.Counter(0, 2)]
+        finally:
+            await store_obj.close()
+
+
+def policies_of(policy_dir: Path) -> list[model.InferencePolicy]:
+    return [
+        model.InferencePolicy.model_validate(yaml.safe_load(f.read_text())) for f in sorted(policy_dir.glob("*.yaml"))
+    ]
