@@ -1,19 +1,14 @@
-"""JWS verification for A2A (SPEC.md §5): signed Agent Cards and signed requests.
+"""JWS verification for A2A (SPEC.md §5): the trusted store, and signed requests.
 
-Both check signatures with PyJWT's JWS implementation; nothing here parses JOSE by hand beyond
-reading a header to learn its ``kid``. The rules common to both:
+Signatures are checked with PyJWT; nothing here parses JOSE by hand beyond a peek at a header or
+a claim to learn which key to use. The rules shared with signed Agent Cards (``cards``):
 
 - ``alg`` must be EdDSA or ES256 (never ``none``, never HS*), and equal to the ``alg`` the
   trusted key is registered with: the token never chooses how it is checked.
 - The key is the A2AAgent's ``signingKeys`` entry with the token's ``kid`` (the trusted store),
   and a key past its ``notAfter`` no longer verifies anything.
-
-Agent Cards (A2A v1.0 §8.4): ``signatures: [{protected, signature, header?}]``, JWS JSON
-serialization with a detached payload; the payload is the RFC 8785 (JCS) form of the card
-without ``signatures``. a2a-sdk's signer drops every empty string, list and object before
-canonicalising, so both forms are tried. A ``jku`` is accepted only as an https URL on an
-allowlisted host (the key still comes from the trusted store); ``validFrom``/``validUntil`` in
-the protected header bound the signature's lifetime.
+- A ``jku`` is accepted only as an https URL on an allowlisted host; the key still comes from
+  the trusted store, never from the URL.
 
 Signed requests: a compact JWS bearer with ``iss`` (the caller's A2AAgent ``ns/name``), ``aud``
 (the URL called on this router), ``iat``/``exp`` (at most ``MAX_REQUEST_LIFETIME_S`` apart,
@@ -37,7 +32,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import jwt
-import rfc8785
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from router.identity.principal import Principal
@@ -47,7 +41,6 @@ from router.policy import snapshot as snapshot_mod
 ALLOWED_ALGS = frozenset({"EdDSA", "ES256"})
 MAX_REQUEST_LIFETIME_S = 300
 MAX_REPLAY_ENTRIES = 100_000
-MAX_CARD_SIGNATURES = 8
 _REQUIRED_CLAIMS = ["iss", "aud", "iat", "exp", "jti"]
 _KEY_CACHE_MAX = 4096
 
@@ -115,7 +108,7 @@ def trusted_keys(agent: model.A2AAgent) -> Mapping[str, TrustedKey]:
     return keys
 
 
-def _choose_key(keys: Mapping[str, TrustedKey], header: Mapping[str, Any], now: dt.datetime) -> TrustedKey:
+def choose_key(keys: Mapping[str, TrustedKey], header: Mapping[str, Any], now: dt.datetime) -> TrustedKey:
     alg = header.get("alg")
     if alg not in ALLOWED_ALGS:
         raise JwsError("alg_not_allowed", f"alg {alg!r} is not allowed (EdDSA or ES256 only)")
@@ -132,103 +125,13 @@ def _choose_key(keys: Mapping[str, TrustedKey], header: Mapping[str, Any], now: 
     return key
 
 
-# -- signed agent cards -----------------------------------------------------------------------
-
-
-def _drop_empty(value: Any) -> Any:
-    """The value as a2a-sdk canonicalises it: empty strings, lists and objects removed, recursively."""
-    if isinstance(value, dict):
-        kept = {k: c for k, v in value.items() if (c := _drop_empty(v)) is not None}
-        return kept or None
-    if isinstance(value, list):
-        items = [c for v in value if (c := _drop_empty(v)) is not None]
-        return items or None
-    if value == "":
-        return None
-    return value
-
-
-def _instant(value: Any, name: str) -> dt.datetime:
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return dt.datetime.fromtimestamp(value, dt.UTC)
-    if isinstance(value, str):
-        try:
-            return model.parse_timestamp(value)
-        except ValueError:
-            pass
-    raise JwsError("malformed", f"{name} is neither a NumericDate nor an RFC 3339 timestamp")
-
-
-def _check_jku(header: Mapping[str, Any], jku_hosts: frozenset[str]) -> None:
+def check_jku(header: Mapping[str, Any], jku_hosts: frozenset[str]) -> None:
     jku = header.get("jku")
     if jku is None:
         return
     parts = urlsplit(jku) if isinstance(jku, str) else None
     if parts is None or parts.scheme != "https" or (parts.hostname or "").lower() not in jku_hosts:
         raise JwsError("jku_not_allowed", f"jku {jku!r} is not an https URL on an allowlisted host")
-
-
-def verify_card(
-    raw: bytes, keys: Mapping[str, TrustedKey], *, now: dt.datetime, jku_hosts: frozenset[str] = frozenset()
-) -> str:
-    """Check a signed Agent Card's ``signatures``; the ``kid`` that verified, or ``JwsError``."""
-    try:
-        card = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise JwsError("malformed", "the agent card is not JSON") from exc
-    if not isinstance(card, dict):
-        raise JwsError("malformed", "the agent card is not a JSON object")
-    signatures = card.get("signatures")
-    if not isinstance(signatures, list) or not signatures:
-        raise JwsError("unsigned", "the agent card has no signatures")
-    unsigned = {k: v for k, v in card.items() if k != "signatures"}
-    try:
-        forms = [rfc8785.dumps(unsigned)]
-        compact = _drop_empty(unsigned) or {}
-        if compact != unsigned:
-            forms.append(rfc8785.dumps(compact))
-    except (rfc8785.CanonicalizationError, ValueError, TypeError) as exc:
-        raise JwsError("malformed", f"the agent card has no canonical form: {exc}") from exc
-    failures: list[JwsError] = []
-    for entry in signatures[:MAX_CARD_SIGNATURES]:
-        try:
-            return _verify_card_signature(entry, forms, keys, now, jku_hosts)
-        except JwsError as exc:
-            failures.append(exc)
-    first = failures[0] if failures else JwsError("malformed", "no signature entry could be read")
-    raise JwsError(first.reason, "; ".join(f.message for f in failures))
-
-
-def _verify_card_signature(
-    entry: Any, forms: list[bytes], keys: Mapping[str, TrustedKey], now: dt.datetime, jku_hosts: frozenset[str]
-) -> str:
-    if not isinstance(entry, dict):
-        raise JwsError("malformed", "a signature entry is not an object")
-    protected, signature = entry.get("protected"), entry.get("signature")
-    if not isinstance(protected, str) or not isinstance(signature, str):
-        raise JwsError("malformed", "a signature entry lacks protected or signature")
-    try:
-        header = json.loads(b64u_decode(protected))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise JwsError("malformed", "the protected header is not JSON") from exc
-    if not isinstance(header, dict):
-        raise JwsError("malformed", "the protected header is not a JSON object")
-    key = _choose_key(keys, header, now)
-    _check_jku(header, jku_hosts)
-    if "validFrom" in header and now < _instant(header["validFrom"], "validFrom"):
-        raise JwsError("not_yet_valid", "the card signature is not valid yet (validFrom)")
-    if "validUntil" in header and now >= _instant(header["validUntil"], "validUntil"):
-        raise JwsError("expired", "the card signature has expired (validUntil)")
-    for payload in forms:
-        token = f"{protected}.{b64u(payload)}.{signature}"
-        try:
-            jwt.api_jws.decode(token, key.key, algorithms=[key.alg])
-        except jwt.InvalidSignatureError:
-            continue
-        except jwt.PyJWTError as exc:
-            raise JwsError("malformed", f"the card signature cannot be checked: {exc}") from exc
-        return key.kid
-    raise JwsError("bad_signature", f"the signature by {key.kid!r} does not match the card")
 
 
 # -- signed requests --------------------------------------------------------------------------
@@ -290,8 +193,8 @@ def verify_request(
     agent = snapshot.a2a_agent(namespace, name) if namespace and name else None
     if agent is None:
         raise JwsError("unknown_issuer", f"iss {iss!r} is not an A2AAgent")
-    key = _choose_key(trusted_keys(agent), header, dt.datetime.fromtimestamp(now, dt.UTC))
-    _check_jku(header, jku_hosts)
+    key = choose_key(trusted_keys(agent), header, dt.datetime.fromtimestamp(now, dt.UTC))
+    check_jku(header, jku_hosts)
     skew = agent.spec.trust.max_clock_skew_seconds
     try:
         claims = jwt.decode(

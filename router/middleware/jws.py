@@ -19,6 +19,7 @@ import logging
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from router import _asgi, _body, errors
+from router.identity import cards
 from router.identity import jws as jws_mod
 from router.middleware import identity
 from router.observability import metrics as metrics_mod
@@ -150,7 +151,7 @@ class JwsMiddleware:
         if start is not None and start["status"] == 200:
             raw = b"".join(m.get("body", b"") for m in held if m["type"] == "http.response.body")
             try:
-                kid = jws_mod.verify_card(
+                kid = cards.verify_card(
                     raw,
                     jws_mod.trusted_keys(agent),
                     now=dt.datetime.now(dt.UTC),

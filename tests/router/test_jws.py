@@ -20,15 +20,17 @@ from typing import Any
 import httpx
 import jwt
 import pytest
+import rfc8785
 import websockets
 from a2a.client import ClientConfig, create_client
+from a2a.server.request_handlers.response_helpers import agent_card_to_dict
 from a2a.types import Message, Part, Role, SendMessageRequest
 from a2a.utils.signing import create_agent_card_signer
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from google.protobuf.json_format import MessageToDict
 
-from router.identity import devtokens
+from router.identity import cards, devtokens
 from router.identity import jws as jws_mod
 from tests.router.test_a2a import a2a_agent_yaml
 from tests.support import a2a_agent, servers, tokens, trustgraphs
@@ -164,7 +166,7 @@ def card_forgeries(env: Env) -> dict[str, tuple[dict[str, Any], str]]:
     hs_secret = keys.ed_raw
     hs_card = dict(card)
     hs_header = {"alg": "HS256", "kid": "ed-1"}
-    payload = jws_mod.rfc8785.dumps(card)
+    payload = rfc8785.dumps(card)
     hs_token = jwt.api_jws.encode(payload, hs_secret, algorithm="HS256", headers=hs_header)
     head, _, sig = hs_token.split(".")
     hs_card["signatures"] = [{"protected": head, "signature": sig}]
@@ -221,11 +223,11 @@ def test_one_good_signature_among_bad_ones_is_enough() -> None:
     card = {"name": "x", "skills": []}
     signed = a2a_agent.sign_card_dict(card, Keys().ed, alg="EdDSA", kid="ed-1")  # someone else's key
     signed = a2a_agent.sign_card_dict(signed, keys.ed, alg="EdDSA", kid="ed-1")
-    assert jws_mod.verify_card(json.dumps(signed).encode(), agent_keys, now=dt.datetime.now(dt.UTC)) == "ed-1"
+    assert cards.verify_card(json.dumps(signed).encode(), agent_keys, now=dt.datetime.now(dt.UTC)) == "ed-1"
     expired = dict(agent_keys)
     expired["ed-1"] = dataclasses.replace(agent_keys["ed-1"], not_after=dt.datetime.now(dt.UTC))
     with pytest.raises(jws_mod.JwsError) as info:
-        jws_mod.verify_card(json.dumps(signed).encode(), expired, now=dt.datetime.now(dt.UTC))
+        cards.verify_card(json.dumps(signed).encode(), expired, now=dt.datetime.now(dt.UTC))
     assert info.value.reason == "key_expired"
 
 
@@ -401,3 +403,50 @@ async def test_signed_request_opens_a_mesh_connection(env: Env) -> None:
     with pytest.raises(websockets.InvalidStatus) as info:
         await websockets.connect(url, additional_headers={"Authorization": f"Bearer {wrong_route}"})
     assert info.value.response.status_code == 401
+
+
+# -- cards served by a2a-sdk's stock route (v0.3 fields added outside the signature) -----------
+
+
+def test_card_from_the_stock_a2a_sdk_route_is_accepted(env: Env, policy_dir: Path) -> None:
+    card = a2a_agent.make_card("http://placeholder")  # a 1.0 and a 0.3 interface
+    agent = a2a_agent.build(card, stock_card_route=True)
+    with servers.serve(agent.app) as srv:
+        (policy_dir / "stock.yaml").write_text(
+            a2a_agent_yaml("stock", srv.url + "/", "remote", env.keys.signing_keys_yaml())
+        )
+        graph = trustgraphs.Graph().edge("remote/caller", "remote/echo").edge("remote/sandbox", "remote/echo")
+        graph.edge("remote/sandbox", "remote/stock").write(policy_dir)
+        env.router.call(env.router.app.state.kars.policy.reload())
+        for interface in card.supported_interfaces:  # the route serves this object: edit it in place
+            interface.url = f"{env.router.url}/a2a/stock"
+        signer = create_agent_card_signer(
+            signing_key=env.keys.ed,  # type: ignore[arg-type]
+            protected_header={"alg": "EdDSA", "kid": "ed-1", "typ": "JOSE"},  # type: ignore[typeddict-item]
+        )
+        signer(card)
+        upstream = httpx.get(srv.url + "/.well-known/agent-card.json", timeout=WAIT_S)
+        assert upstream.json()["url"] == f"{env.router.url}/a2a/stock"  # the v0.3 field, not signed
+        resp = httpx.get(f"{env.router.url}/a2a/stock/.well-known/agent-card.json", headers=env.sandbox_auth())
+        assert resp.status_code == 200, resp.text
+        assert resp.content == upstream.content
+
+
+def test_a_compat_field_that_the_signed_card_does_not_imply_is_refused(
+    env: Env, reasons: Callable[[], list[str]]
+) -> None:
+    card = a2a_agent.make_card(env.base)
+    signer = create_agent_card_signer(
+        signing_key=env.keys.ed,  # type: ignore[arg-type]
+        protected_header={"alg": "EdDSA", "kid": "ed-1", "typ": "JOSE"},  # type: ignore[typeddict-item]
+    )
+    served = agent_card_to_dict(signer(card))
+    assert served["url"] == env.base
+    serve_card(env, served)
+    assert httpx.get(env.card_url(), headers=env.sandbox_auth(), timeout=WAIT_S).status_code == 200
+    forgeries = (("url", "https://evil.example/a2a"), ("preferredTransport", "GRPC"), ("protocolVersion", "0.9"))
+    for key, forged in forgeries:
+        serve_card(env, {**served, key: forged})
+        resp = httpx.get(env.card_url(), headers=env.sandbox_auth(), timeout=WAIT_S)
+        assert resp.status_code == 502, key
+        assert any("bad_signature" in line for line in reasons())
