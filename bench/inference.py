@@ -158,6 +158,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     rows: list[Row] = []
     layers: list[str] = []
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         body, stream_body = work / "body.json", work / "stream.json"
@@ -249,6 +250,9 @@ def main(argv: list[str]) -> int:
                     rows.append(row)
 
     print(report(rows, layers, args))
+    print(
+        f"\nload average (1 min) before / after: {load_before:.2f} / {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores"
+    )
     return 0
 
 

@@ -223,7 +223,9 @@ def build_app(settings: Settings) -> Starlette:
         Middleware(budget_mw.TokenBudgetMiddleware, store=budget_store, policy=policy, metrics=metrics),
         Middleware(safety_mw.ContentSafetyMiddleware, safety=safety, policy=policy, metrics=metrics),
     ]
-    routes.extend(runtime.foundry.routes())  # catch-alls (/v1/...): after every other route
+    hot, catch_all = runtime.foundry.routes()
+    routes[:0] = hot  # /openai/..., /models/...: the hot path, matched first (no other route starts so)
+    routes.extend(catch_all)  # /v1/...: after every other route (/v1/whoami, /v1/budgets)
     app = Starlette(
         routes=routes,
         middleware=middleware,

@@ -113,12 +113,11 @@ class FoundryTransport:
         self._latency = metrics.upstream_latency.labels(UPSTREAM)
         self._tokens: dict[str, tuple[Any, Any]] = {}
 
-    def routes(self) -> list[BaseRoute]:
-        return [
-            Route("/openai/{path:path}", self),
-            Route("/models/{path:path}", self),
-            Route("/v1/{path:path}", self),
-        ]
+    def routes(self) -> tuple[list[BaseRoute], list[BaseRoute]]:
+        """Routes owned outright (``/openai/...``, ``/models/...``) and the ``/v1/...`` catch-all,
+        which must come after the router's own ``/v1`` routes."""
+        owned: list[BaseRoute] = [Route(p, _Entry(self)) for p in ("/openai/{path:path}", "/models/{path:path}")]
+        return owned, [Route("/v1/{path:path}", _Entry(self))]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = inference.classify(scope["path"])
@@ -241,6 +240,18 @@ class FoundryTransport:
         if fields is not None:
             fields["promptTokens"] = found.prompt_tokens
             fields["completionTokens"] = found.completion_tokens
+
+
+class _Entry:
+    """One route's endpoint: a distinct object per route, so metrics and logs name the route matched."""
+
+    __slots__ = ("_app",)
+
+    def __init__(self, app: FoundryTransport) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._app(scope, receive, send)
 
 
 def _target(

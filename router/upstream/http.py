@@ -56,6 +56,14 @@ class Response:
 
     async def read(self, limit: int) -> tuple[bytes, bool]:
         """Up to ``limit`` bytes of the body, and whether that was the whole body."""
+        length = self._resp.content_length
+        if length is not None and length <= limit:  # the common reply: one read, no per-chunk loop
+            try:
+                return await self._resp.read(), True
+            except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+                raise errors.UpstreamTimeout("upstream stopped sending") from exc
+            except aiohttp.ClientError as exc:
+                raise errors.UpstreamError(f"upstream reply broken off: {type(exc).__name__}") from exc
         chunks: list[bytes] = []
         size = 0
         async for chunk in self.iter_chunks():

@@ -67,6 +67,8 @@ def test_azure_sdk_chat_forwards_with_router_credential(stack: Stack) -> None:
     assert last_state(stack)["kars.upstream_output"] is True
     assert stack.metric("kars_tokens_total", {"direction": "prompt", "deployment": "gpt-4o"}) == 9
     assert stack.metric("kars_tokens_total", {"direction": "completion", "deployment": "gpt-4o"}) == 6
+    requests = {"route": "/openai/{path:path}", "method": "POST", "status": "200"}
+    assert stack.metric("kars_requests_total", requests) == 1  # the route is named in metrics and logs
 
 
 def test_body_passed_through_byte_for_byte(stack: Stack) -> None:
