@@ -23,96 +23,28 @@ import dataclasses
 import datetime as dt
 import logging
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import websockets
 from starlette.types import Receive, Scope, Send
-from websockets.asyncio.client import ClientConnection
 
 from router import _asgi, errors
 from router.observability import metrics as metrics_mod
 from router.policy import snapshot as snapshot_mod
 from router.policy import store as store_mod
+from router.transports import _peers
 
 log = logging.getLogger("kars.mesh")
 
 FROM_HEADER = "X-Kars-From"
 TO_HEADER = "X-Kars-To"
-CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001  # pair timeout, router shutdown, a peer that vanished (RFC 6455 §7.4.1)
+CLOSE_GOING_AWAY = _peers.CLOSE_GOING_AWAY
 CLOSE_POLICY = 1008
 RELAY_OPEN_TIMEOUT_S = 5.0
 RELAY_MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # the same cap uvicorn puts on the caller's side
 RELAY_MAX_QUEUE = 4  # frames the relay client may hold before it stops reading its socket
-# Codes that may not be sent in a close frame (RFC 6455 §7.4.1), and what the other side gets instead.
-_UNSENDABLE = {1005: CLOSE_NORMAL, 1006: CLOSE_GOING_AWAY, 1015: CLOSE_GOING_AWAY}
 
 PairKey = tuple[str, str]  # (caller, peer)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Closed:
-    code: int
-    reason: str
-
-
-class Peer(Protocol):
-    async def recv(self) -> str | bytes | Closed: ...
-    async def send(self, data: str | bytes) -> None: ...
-    async def close(self, code: int, reason: str = "") -> None: ...
-
-
-class AsgiPeer:
-    """A caller's accepted WebSocket, as raw ASGI messages (no framework object in the way)."""
-
-    def __init__(self, receive: Receive, send: Send) -> None:
-        self._receive = receive
-        self._send = send
-        self.closed = False
-
-    async def recv(self) -> str | bytes | Closed:
-        while True:
-            message = await self._receive()
-            kind = message["type"]
-            if kind == "websocket.receive":
-                data = message.get("bytes")
-                return data if data is not None else message.get("text") or ""
-            if kind == "websocket.disconnect":
-                self.closed = True
-                return Closed(int(message.get("code", 1005)), message.get("reason") or "")
-
-    async def send(self, data: str | bytes) -> None:
-        if self.closed:
-            raise ConnectionError("peer closed")
-        key = "bytes" if isinstance(data, bytes) else "text"
-        await self._send({"type": "websocket.send", key: data})
-
-    async def close(self, code: int, reason: str = "") -> None:
-        if self.closed:
-            return
-        self.closed = True
-        with contextlib.suppress(OSError, RuntimeError):
-            await self._send({"type": "websocket.close", "code": code, "reason": reason})
-
-
-class RelayPeer:
-    """The relay's side of a bridge: a ``websockets`` client connection."""
-
-    def __init__(self, conn: ClientConnection) -> None:
-        self._conn = conn
-
-    async def recv(self) -> str | bytes | Closed:
-        try:
-            return await self._conn.recv()
-        except websockets.ConnectionClosed as exc:
-            rcvd = exc.rcvd
-            return Closed(rcvd.code, rcvd.reason) if rcvd is not None else Closed(1006, "")
-
-    async def send(self, data: str | bytes) -> None:
-        await self._conn.send(data)
-
-    async def close(self, code: int, reason: str = "") -> None:
-        await self._conn.close(code, reason)
 
 
 @dataclasses.dataclass(eq=False)
@@ -120,7 +52,7 @@ class Bridge:
     """One open bridge: the edges it stands on and its two sides."""
 
     edges: tuple[PairKey, ...]
-    sides: tuple[Peer, Peer]
+    sides: tuple[_peers.Peer, _peers.Peer]
     pumps: int = 2
     expiry: asyncio.TimerHandle | None = None
 
@@ -130,24 +62,8 @@ class Bridge:
 
 @dataclasses.dataclass(eq=False)
 class _Waiter:
-    peer: AsgiPeer
-    paired: asyncio.Future[tuple[Peer, Bridge]]
-
-
-async def pump(source: Peer, sink: Peer, metrics: metrics_mod.Metrics, first: asyncio.Task[Any] | None = None) -> None:
-    """Relay ``source`` -> ``sink`` one message at a time until ``source`` closes; pass its close on."""
-    while True:
-        item = await first if first is not None else await source.recv()
-        first = None
-        if isinstance(item, Closed):
-            await sink.close(_UNSENDABLE.get(item.code, item.code), item.reason)
-            return
-        try:
-            await sink.send(item)
-        except (OSError, RuntimeError, websockets.ConnectionClosed):
-            # The sink is gone; its own pump passes its close back to ``source``.
-            return
-        metrics.mesh_bytes.inc(len(item))
+    peer: _peers.AsgiPeer
+    paired: asyncio.Future[tuple[_peers.Peer, Bridge]]
 
 
 def _utcnow() -> dt.datetime:
@@ -210,7 +126,7 @@ class MeshHub:
 
     async def _join(self, key: PairKey, counterpart: _Waiter, receive: Receive, send: Send) -> None:
         await send({"type": "websocket.accept"})
-        me = AsgiPeer(receive, send)
+        me = _peers.AsgiPeer(receive, send)
         bridge = Bridge(edges=(key, (key[1], key[0])), sides=(me, counterpart.peer))
         for edge in bridge.edges:
             self._bridges[edge] = bridge
@@ -219,19 +135,19 @@ class MeshHub:
         counterpart.paired.set_result((me, bridge))
         self._close_at_expiry(bridge)
         try:
-            await pump(me, counterpart.peer, self._metrics)
+            await _peers.pump(me, counterpart.peer, self._metrics)
         finally:
             self._pump_done(bridge)
 
     async def _wait(self, key: PairKey, receive: Receive, send: Send) -> None:
         await send({"type": "websocket.accept"})
-        me = AsgiPeer(receive, send)
+        me = _peers.AsgiPeer(receive, send)
         loop = asyncio.get_running_loop()
         waiter = _Waiter(me, loop.create_future())
         self._waiting[key] = waiter
         # Read one message while waiting, to notice a caller that leaves; if it is data it is
         # held (one message, no further reads: backpressure) and delivered first once paired.
-        first: asyncio.Task[str | bytes | Closed] = asyncio.ensure_future(me.recv())
+        first: asyncio.Task[str | bytes | _peers.Closed] = asyncio.ensure_future(me.recv())
         watch: set[asyncio.Future[Any]] = {first, waiter.paired}
         deadline = loop.time() + self._pair_timeout_s
         try:
@@ -241,7 +157,7 @@ class MeshHub:
                     break
                 await asyncio.wait(watch, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
                 if first.done() and not waiter.paired.done():
-                    if isinstance(first.result(), Closed):
+                    if isinstance(first.result(), _peers.Closed):
                         return  # the caller left before its counterpart came
                     watch = {waiter.paired}
         finally:
@@ -259,7 +175,7 @@ class MeshHub:
             return  # cancelled: the policy change that dropped the edge is closing it
         other, bridge = waiter.paired.result()
         try:
-            await pump(me, other, self._metrics, first)
+            await _peers.pump(me, other, self._metrics, first)
         finally:
             self._pump_done(bridge)
 
@@ -280,14 +196,14 @@ class MeshHub:
                 f"mesh relay unreachable: {type(exc).__name__}", code="upstream_unavailable"
             ) from exc
         await send({"type": "websocket.accept"})
-        me, relay = AsgiPeer(receive, send), RelayPeer(conn)
+        me, relay = _peers.AsgiPeer(receive, send), _peers.RelayPeer(conn)
         bridge = Bridge(edges=(key,), sides=(me, relay))
         self._bridges[key] = bridge
         self._close_at_expiry(bridge)
         self._metrics.mesh_bridges.labels("relayed").inc()
         self._metrics.mesh_bridges_active.inc()
         try:
-            await asyncio.gather(pump(me, relay, self._metrics), pump(relay, me, self._metrics))
+            await asyncio.gather(_peers.pump(me, relay, self._metrics), _peers.pump(relay, me, self._metrics))
         finally:
             bridge.pumps = 1
             self._pump_done(bridge)

@@ -1,0 +1,105 @@
+"""WebSocket peers and the pump a mesh bridge is made of: one message at a time, close codes passed on.
+
+A pump holds one message and awaits the receiving side's ``send`` (which waits while that socket's
+write buffer is full) before it reads the next, so a slow reader slows its writer and nothing
+buffers without bound. Payloads are opaque: text stays text, bytes stay bytes, nothing is parsed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from typing import Any, Protocol
+
+import websockets
+from starlette.types import Receive, Send
+from websockets.asyncio.client import ClientConnection
+
+from router.observability import metrics as metrics_mod
+
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001  # pair timeout, router shutdown, a peer that vanished (RFC 6455 §7.4.1)
+# Codes that may not be sent in a close frame (RFC 6455 §7.4.1), and what the other side gets instead.
+_UNSENDABLE = {1005: CLOSE_NORMAL, 1006: CLOSE_GOING_AWAY, 1015: CLOSE_GOING_AWAY}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Closed:
+    code: int
+    reason: str
+
+
+class Peer(Protocol):
+    async def recv(self) -> str | bytes | Closed: ...
+    async def send(self, data: str | bytes) -> None: ...
+    async def close(self, code: int, reason: str = "") -> None: ...
+
+
+class AsgiPeer:
+    """A caller's accepted WebSocket, as raw ASGI messages (no framework object in the way)."""
+
+    def __init__(self, receive: Receive, send: Send) -> None:
+        self._receive = receive
+        self._send = send
+        self.closed = False
+
+    async def recv(self) -> str | bytes | Closed:
+        while True:
+            message = await self._receive()
+            kind = message["type"]
+            if kind == "websocket.receive":
+                data = message.get("bytes")
+                return data if data is not None else message.get("text") or ""
+            if kind == "websocket.disconnect":
+                self.closed = True
+                return Closed(int(message.get("code", 1005)), message.get("reason") or "")
+
+    async def send(self, data: str | bytes) -> None:
+        if self.closed:
+            raise ConnectionError("peer closed")
+        key = "bytes" if isinstance(data, bytes) else "text"
+        await self._send({"type": "websocket.send", key: data})
+
+    async def close(self, code: int, reason: str = "") -> None:
+        if self.closed:
+            return
+        self.closed = True
+        with contextlib.suppress(OSError, RuntimeError):
+            await self._send({"type": "websocket.close", "code": code, "reason": reason})
+
+
+class RelayPeer:
+    """The relay's side of a bridge: a ``websockets`` client connection."""
+
+    def __init__(self, conn: ClientConnection) -> None:
+        self._conn = conn
+
+    async def recv(self) -> str | bytes | Closed:
+        try:
+            return await self._conn.recv()
+        except websockets.ConnectionClosed as exc:
+            rcvd = exc.rcvd
+            return Closed(rcvd.code, rcvd.reason) if rcvd is not None else Closed(1006, "")
+
+    async def send(self, data: str | bytes) -> None:
+        await self._conn.send(data)
+
+    async def close(self, code: int, reason: str = "") -> None:
+        await self._conn.close(code, reason)
+
+
+async def pump(source: Peer, sink: Peer, metrics: metrics_mod.Metrics, first: asyncio.Task[Any] | None = None) -> None:
+    """Relay ``source`` -> ``sink`` one message at a time until ``source`` closes; pass its close on."""
+    while True:
+        item = await first if first is not None else await source.recv()
+        first = None
+        if isinstance(item, Closed):
+            await sink.close(_UNSENDABLE.get(item.code, item.code), item.reason)
+            return
+        try:
+            await sink.send(item)
+        except (OSError, RuntimeError, websockets.ConnectionClosed):
+            # The sink is gone; its own pump passes its close back to ``source``.
+            return
+        metrics.mesh_bytes.inc(len(item))
