@@ -24,8 +24,11 @@ FINALIZER = f"{GROUP}/controller"
 HANDLER_BACKOFF_S = 10.0
 
 
-def operator_settings() -> kopf.OperatorSettings:
+def operator_settings(settings: config.ControllerSettings | None = None) -> kopf.OperatorSettings:
     s = kopf.OperatorSettings()
+    # Watching named namespaces: use the names as given instead of listing namespaces, which
+    # the chart's RBAC does not grant (and a namespace that does not exist yet is still served).
+    s.scanning.disabled = bool(settings is not None and settings.namespaces)
     s.persistence.finalizer = FINALIZER
     s.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     s.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP, key="last-handled-configuration")
@@ -153,7 +156,7 @@ async def run(
     async with controller(settings) as (_ctl, registry):
         await kopf.operator(
             registry=registry,
-            settings=operator_settings(),
+            settings=operator_settings(settings),
             clusterwide=settings.clusterwide,
             namespaces=list(settings.namespaces),
             standalone=True,

@@ -140,8 +140,9 @@ def run_controller(cluster: Cluster) -> ControllerFactory:
                 box["ctl"] = ctl
                 await kopf.operator(
                     registry=registry,
-                    settings=_fast(operator.operator_settings()),
-                    clusterwide=True,
+                    settings=_fast(operator.operator_settings(settings)),
+                    clusterwide=settings.clusterwide,
+                    namespaces=list(settings.namespaces),
                     standalone=True,
                     stop_flag=stop,
                     ready_flag=ready,
@@ -157,7 +158,7 @@ def run_controller(cluster: Cluster) -> ControllerFactory:
         thread.start()
         try:
             assert await asyncio.to_thread(ready.wait, WAIT_S), f"controller did not start: {box.get('error')!r}"
-            await wait_until(lambda: _watching(cluster), "the controller's watches")
+            await wait_until(lambda: _watching(cluster, settings.namespaces), "the controller's watches")
             yield box["ctl"]
         finally:
             stop.set()
@@ -171,10 +172,11 @@ def run_controller(cluster: Cluster) -> ControllerFactory:
 WATCHED = ("/pods", *(f"/{k.plural}" for k in crds.KINDS))
 
 
-def _watching(cluster: Cluster) -> bool:
+def _watching(cluster: Cluster, namespaces: tuple[str, ...] = ()) -> bool:
     """kopf watches every resource it serves (so a stop never interrupts its discovery)."""
     paths = {r.url.path for r in cluster.api._requests if r.params.get("watch") == "true"}
-    return all(any(p.endswith(w) for p in paths) for w in WATCHED)
+    found = all(any(p.endswith(w) for p in paths) for w in WATCHED)
+    return found and all(any(f"/namespaces/{ns}/" in p for p in paths) for ns in namespaces)
 
 
 def _fast(s: kopf.OperatorSettings) -> kopf.OperatorSettings:

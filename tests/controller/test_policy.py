@@ -227,3 +227,17 @@ async def test_router_confirmed_ready_rejection_and_trustgraph_reprojection(
         assert after["generation"] > generation
         (graph,) = [e for e in after["entries"] if e["kind"] == "TrustGraph"]
         assert graph["digest"] == ctl.compiled.digests[("TrustGraph", "", "mesh")] != old
+
+
+async def test_namespaced_controller_serves_its_namespaces_and_the_cluster_scoped_graph(
+    cluster: Cluster, run_controller: ControllerFactory
+) -> None:
+    async with run_controller(namespaces=(NS,)):
+        mine = cr("McpServer", "mine", {"url": "http://mine"})
+        other = cr("McpServer", "other", {"url": "http://other"}, namespace="team-b")
+        graph = cr("TrustGraph", "mesh", {"minScore": 1}, namespace=None)
+        for body in (other, mine, graph):
+            await cluster.create(projection.PLURALS[body["kind"]], body)
+        await wait_until(lambda: projected(cluster, "McpServer") and projected(cluster, "TrustGraph"), "projection")
+        assert [i["metadata"]["name"] for i in projected(cluster, "McpServer")] == ["mine"]
+        assert projected(cluster, "TrustGraph")[0]["metadata"]["name"] == "mesh"
