@@ -109,8 +109,8 @@ def build_registry(ctl: reconciler.Controller, settings: config.ControllerSettin
         when=_has_lifecycle,
     )
     async def _lifecycle(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-        status = await ctl.reconcile_sandbox(dict(body))
-        if status is not None and (body.get("status") or {}).get("phase") != status.get("phase"):
+        status = await ctl.check_lifecycle(dict(body))
+        if status is not None:
             patch.status.update(status)
 
     @on.event("", "v1", "pods", labels={builders.SANDBOX_LABEL: kopf.PRESENT}, registry=registry)

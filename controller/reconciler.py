@@ -241,6 +241,22 @@ class Controller:
                 current = await self.kube.create_pod(desired)
         return self.status_for(sandbox, body, current, expired=decision.expired)
 
+    async def check_lifecycle(self, body: Mapping[str, Any]) -> Body | None:
+        """The periodic check of ``shutdownTime``/``ttlSecondsAfterFinished``: one read of the
+        Pod, and a reconcile only when the decision changed something (a new status, or None)."""
+        try:
+            sandbox = self.parse_sandbox(body)
+        except kopf.PermanentError:
+            return None  # already reported by the create/update handler; nothing to time
+        pod = await self.kube.get_pod(sandbox.namespace, sandbox.name)
+        decision = builders.lifecycle(sandbox.spec, pod, self.clock())
+        if decision.delete_sandbox:
+            return await self.reconcile_sandbox(body)
+        expired_already = (body.get("status") or {}).get("phase") == "Expired" and pod is None
+        if decision.expired and not expired_already:
+            return await self.reconcile_sandbox(body)
+        return None
+
     def status_for(
         self, sandbox: model.KarsSandbox, body: Mapping[str, Any], pod: Body | None, *, expired: bool = False
     ) -> Body:

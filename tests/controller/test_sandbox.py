@@ -231,3 +231,22 @@ async def test_invalid_sandbox_fails_permanently_with_an_event_and_no_hot_loop(
         assert patches >= 1  # the status patch that said Failed
         await asyncio.sleep(1.0)  # a window in which a hot loop would patch again and again
         assert len(cluster.requests("PATCH", "/karssandboxes/agent-1")) == patches
+
+
+async def test_lifecycle_timer_only_reads_the_pod_until_something_is_due(
+    cluster: Cluster, run_controller: ControllerFactory
+) -> None:
+    later = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)).isoformat()
+    async with run_controller():  # lifecycle_check_s=0.2 in tests
+        await cluster.create(SANDBOXES, sandbox(lifecycle={"shutdownTime": later}))
+        await wait_until(lambda: _phase(cluster) == "Pending", "the sandbox reconciled")
+
+        def child_writes() -> int:
+            creates = cluster.requests("POST", f"/namespaces/{NS}/")
+            return len(creates) + len(cluster.requests("PATCH", "/serviceaccounts/"))
+
+        writes = child_writes()
+        reads = len(cluster.requests("GET", f"/namespaces/{NS}/pods/agent-1"))
+        await asyncio.sleep(1.0)  # about five timer ticks
+        assert len(cluster.requests("GET", f"/namespaces/{NS}/pods/agent-1")) > reads  # the timer runs
+        assert child_writes() == writes  # and writes nothing
