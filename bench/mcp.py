@@ -96,8 +96,8 @@ def main(argv: list[str]) -> int:
         os.sched_setaffinity(0, {int(_load.LOAD_CORE)})  # the load generator shares core 1 with the upstream
     rows: list[tuple[str, str, dict[str, float]]] = []
 
-    def load(url: str, kind: str, headers: dict[str, str]) -> dict[str, float]:
-        return asyncio.run(_mcp_client.run(url, kind, sessions=args.sessions, seconds=args.seconds, headers=headers))
+    def load(url: str, kind: str, headers: dict[str, str], sessions: int) -> dict[str, float]:
+        return asyncio.run(_mcp_client.run(url, kind, sessions=sessions, seconds=args.seconds, headers=headers))
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -129,20 +129,23 @@ def main(argv: list[str]) -> int:
                 ) as proc,
             ):
                 # Direct and routed runs alternate, so a burst of load from elsewhere hits both alike.
-                direct, routed = [], []
-                for _ in range(args.repeat):
-                    direct.append(load(up_url, kind, {}))
-                    cpu0 = _cpu_s(proc.pid)
-                    result = load(url, kind, {"authorization": f"Bearer {token}"})
-                    calls = result["calls_per_s"] * args.seconds
-                    result["router_cpu_us"] = (_cpu_s(proc.pid) - cpu0) / max(calls, 1) * 1e6
-                    routed.append(result)
-            rows.append((kind, "direct", max(direct, key=lambda r: r["calls_per_s"])))
-            rows.append((kind, "kars router", max(routed, key=lambda r: r["calls_per_s"])))
+                # One session too: no queueing, so its added latency is the router's own.
+                for sessions in (args.sessions, 1):
+                    direct, routed = [], []
+                    for _ in range(args.repeat):
+                        direct.append(load(up_url, kind, {}, sessions))
+                        cpu0 = _cpu_s(proc.pid)
+                        result = load(url, kind, {"authorization": f"Bearer {token}"}, sessions)
+                        calls = result["calls_per_s"] * args.seconds
+                        result["router_cpu_us"] = (_cpu_s(proc.pid) - cpu0) / max(calls, 1) * 1e6
+                        routed.append(result)
+                    label = f"{kind}, {sessions} session{'s' if sessions > 1 else ''}"
+                    rows.append((label, "direct", max(direct, key=lambda r: r["calls_per_s"])))
+                    rows.append((label, "kars router", max(routed, key=lambda r: r["calls_per_s"])))
             audited = (work / f"router-{kind}.log").read_text().count('"mcp.tools_call"')
             print(f"{kind}: {audited} audit records written by the router", file=sys.stderr)
 
-    print(f"{args.sessions} sessions, echo tool, best of {args.repeat} alternating {args.seconds:g} s runs\n")
+    print(f"echo tool, best of {args.repeat} alternating {args.seconds:g} s runs\n")
     print(
         "| client | path | calls/s | vs direct | p50 ms | p99 ms | added p50 ms | failures | load-gen CPU "
         "| router CPU/call |"

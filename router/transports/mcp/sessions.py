@@ -165,7 +165,9 @@ class Session:
         return stream
 
     def drop_finished_streams(self, keep: int) -> None:
-        """Forget closed request streams beyond the newest ``keep`` (bounded memory)."""
+        """Forget closed request streams beyond the newest ``keep`` (bounded memory; amortised O(1))."""
+        if len(self.streams) <= 2 * keep:
+            return
         finished = [n for n, s in self.streams.items() if n and s.closed and not s.attached]
         for n in finished[:-keep] if keep else finished:
             del self.streams[n]
