@@ -335,3 +335,19 @@ def test_a_server_whose_secret_is_missing_is_503_not_an_unauthenticated_call(
     router = start(doc, mcp={"secretsDir": str(tmp_path)})
     refused = httpx.post(f"{router.url}/mcp/locked", json=INIT, headers=headers(router))
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "upstream_not_configured"
+
+
+def test_a_2025_03_26_batch_is_answered_on_one_stream(start: Callable[..., Any]) -> None:
+    router = start()
+    session = initialize(router)
+    hdrs = headers(router, **{"mcp-session-id": session, "mcp-protocol-version": "2025-03-26"})
+    batch = [
+        {"jsonrpc": "2.0", "id": 21, "method": "ping"},
+        {"jsonrpc": "2.0", "id": 22, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": "b"}}},
+        {"jsonrpc": "2.0", "method": "notifications/roots/list_changed"},
+    ]
+    answered = sse_messages(httpx.post(f"{router.url}/mcp/tools", json=batch, headers=hdrs, timeout=10))
+    assert sorted(m["id"] for m in answered) == [21, 22]
+    notes = [{"jsonrpc": "2.0", "method": "notifications/roots/list_changed"}] * 2
+    assert httpx.post(f"{router.url}/mcp/tools", json=notes, headers=hdrs).status_code == 202
+    assert httpx.post(f"{router.url}/mcp/tools", json=[], headers=hdrs).status_code == 400
