@@ -27,6 +27,7 @@ from router.upstream import http
 log = logging.getLogger("kars.mcp")
 
 KEEP_FINISHED_STREAMS = 32  # closed request streams kept per session for Last-Event-ID replay
+SHUTDOWN_S = 5.0  # how long app shutdown waits for upstream sessions to be ended
 
 
 class Gateway:
@@ -54,8 +55,9 @@ class Gateway:
         if self._reaper is not None:
             self._reaper.cancel()
             await asyncio.gather(self._reaper, return_exceptions=True)
-        for session in self.table.all():
-            await self.end(session, "router shutting down")
+        ends = [self.end(session, "router shutting down") for session in self.table.all()]
+        with contextlib.suppress(TimeoutError):  # upstreams that do not answer their DELETE are not waited for
+            await asyncio.wait_for(asyncio.gather(*ends, return_exceptions=True), SHUTDOWN_S)
         await self.pool.aclose()
 
     async def _reap(self) -> None:
