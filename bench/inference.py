@@ -40,6 +40,16 @@ spec:
 """
 
 
+LAYER_VARIANTS = (
+    ("ALL", "(c0) router: Starlette + Foundry transport, no middleware"),
+    (
+        "JwsMiddleware,TrustGraphMiddleware,TokenBudgetMiddleware,ContentSafetyMiddleware",
+        "(c1) (c0) + observe, errors, body limit, identity",
+    ),
+    ("ContentSafetyMiddleware", "(c2) (c1) + jws, trust graph, token budget"),
+)
+
+
 def request_body(*, stream: bool) -> bytes:
     """A ~1 KB chat request (what an agent sends with a short system prompt and a question)."""
     doc: dict[str, object] = {
@@ -155,6 +165,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rate", type=float, default=500)
     parser.add_argument("--ttfc-count", type=int, default=200)
     parser.add_argument("--no-litellm", action="store_true")
+    parser.add_argument("--layers", action="store_true", help="also price each router layer (c0, c1, c2)")
     args = parser.parse_args(argv)
     rows: list[Row] = []
     layers: list[str] = []
@@ -221,6 +232,17 @@ def main(argv: list[str]) -> int:
                 row = Row("(c) kars router", pid)
                 measure(row, url + AZURE_PATH, lua, body, stream_body, [f"Authorization: Bearer {token}"], args)
                 rows.append(row)
+            if args.layers:
+                # The same router with layers left out: what each one costs (server CPU per request).
+                for drop, label in LAYER_VARIANTS:
+                    port = _load.free_port()
+                    vargv = [sys.executable, "-m", "bench._router_variant", str(port)]
+                    venv = {**renv, "BENCH_DROP": drop, "KARS_POLICY_DIR": str(work / "policy"), **env}
+                    url = f"http://127.0.0.1:{port}"
+                    with _server(_load.SERVER_CORE, vargv, url + "/healthz", venv, work) as pid:
+                        row = Row(label, pid)
+                        measure(row, url + AZURE_PATH, lua, body, None, [f"Authorization: Bearer {token}"], args)
+                        rows.append(row)
 
             exe = None if args.no_litellm else _ensure_litellm()
             if exe is not None:
