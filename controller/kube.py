@@ -21,6 +21,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from kubernetes_asyncio.config.config_exception import ConfigException
 
 from controller import config as ctl_config
+from controller import projection
 from router.policy import model
 
 MERGE_PATCH = "application/merge-patch+json"
@@ -228,6 +229,29 @@ class Kube:
             "count": 1,
         }
         await _call(f"post Event {reason}", self.core.create_namespaced_event(namespace, event))
+
+    async def list_custom(self, plural: str, namespaces: tuple[str, ...]) -> list[Body]:
+        """Every object of a kars kind (in ``namespaces``, or everywhere when empty)."""
+        group, version = model.API_GROUP, "v1alpha1"
+        cluster_scoped = plural == "trustgraphs"
+        if cluster_scoped or not namespaces:
+            found = await _call(f"list {plural}", self.custom.list_cluster_custom_object(group, version, plural))
+            lists = [found]
+        else:
+            lists = [
+                await _call(
+                    f"list {plural} in {ns}", self.custom.list_namespaced_custom_object(group, version, ns, plural)
+                )
+                for ns in namespaces
+            ]
+        kind = next(k for k, p in projection.PLURALS.items() if p == plural)
+        out: list[Body] = []
+        for listed in lists:
+            for item in (listed or {}).get("items", []):
+                item.setdefault("kind", kind)  # list items may omit kind and apiVersion
+                item.setdefault("apiVersion", model.API_VERSION)
+                out.append(item)
+        return out
 
     async def delete_sandbox(self, namespace: str, name: str) -> None:
         await _call(

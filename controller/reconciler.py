@@ -58,6 +58,7 @@ class Controller:
         self.router_status: dict[str, Any] | None = None
         self._written: dict[Key, tuple[str, ...]] = {}  # last status we patched, per CR
         self._dirty = asyncio.Event()
+        self._deleted: set[Key] = set()  # seen deleted since start: never re-added by the seed
         self._statuses_dirty = asyncio.Event()
         self._invalid_reported: dict[Key, str] = {}
         self.projection_writes = 0
@@ -68,6 +69,7 @@ class Controller:
         """Record a watch event; ``True`` when the projection must be rewritten."""
         key = projection.key_of(body)
         if event_type == "DELETED":
+            self._deleted.add(key)
             existed = self.index.pop(key, None) is not None
             self._written.pop(key, None)
             self._invalid_reported.pop(key, None)
@@ -99,8 +101,27 @@ class Controller:
 
     # -- the projection -----------------------------------------------------------------------
 
+    async def seed_index(self, stop: asyncio.Event) -> None:
+        """List every kind once before the first write: a projection written from a half-filled
+        index would remove policy that is in force (a deny rule vanishing is a fail-open)."""
+        delay = kube.RETRY_DELAY_S
+        while not stop.is_set():
+            try:
+                for plural in projection.PLURALS.values():
+                    for body in await self.kube.list_custom(plural, self.settings.namespaces):
+                        key = projection.key_of(body)
+                        if key not in self.index and key not in self._deleted:
+                            self.observe("ADDED", body)
+                return
+            except Exception as exc:  # keep trying; nothing is written until this succeeds
+                log.warning("listing policy failed, retrying in %.0fs: %s", delay, exc, exc_info=_unexpected(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.router_poll_max_s)
+
     async def run_projection(self, stop: asyncio.Event) -> None:
         """Write the ConfigMap whenever the index changed, debounced; retry with backoff."""
+        await self.seed_index(stop)
+        self._dirty.set()  # the first write happens even when nothing exists (an empty projection)
         delay = kube.RETRY_DELAY_S
         while not stop.is_set():
             await self._dirty.wait()

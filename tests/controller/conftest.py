@@ -17,7 +17,7 @@ import pytest
 from controller import config, crds, operator, reconciler
 from tests.controller import kubeapi
 
-WAIT_S = 10.0
+WAIT_S = 30.0  # generous: the machine is shared; a passing wait returns as soon as its condition holds
 POLL_S = 0.01
 NS = "team-a"
 POLICY_NS = "kars-system"

@@ -205,3 +205,14 @@ def test_projection_cache_gives_the_same_result_and_forgets_deleted_resources() 
     second = projection.compile_resources(changed, cache)
     assert second == projection.compile_resources(changed)
     assert set(cache) == {("McpServer", "ns", "a")}
+
+
+def test_finished_pod_phases_carry_over() -> None:
+    spec = sandbox().spec
+    for phase in ("Succeeded", "Failed"):
+        status = builders.sandbox_status(
+            spec, {"metadata": {"name": "a"}, "status": {"phase": phase}}, None, now=NOW, generation=1
+        )
+        assert status["phase"] == phase
+        ready = conditions.get_condition(status["conditions"], "Ready")
+        assert ready is not None and ready["status"] == "False" and ready["reason"] == f"Pod{phase}"

@@ -241,3 +241,18 @@ async def test_namespaced_controller_serves_its_namespaces_and_the_cluster_scope
         await wait_until(lambda: projected(cluster, "McpServer") and projected(cluster, "TrustGraph"), "projection")
         assert [i["metadata"]["name"] for i in projected(cluster, "McpServer")] == ["mine"]
         assert projected(cluster, "TrustGraph")[0]["metadata"]["name"] == "mesh"
+
+
+async def test_first_projection_holds_every_policy_that_already_exists(
+    cluster: Cluster, run_controller: ControllerFactory
+) -> None:
+    """A controller (re)starting must not write a projection from a half-listed cluster."""
+    for i in range(40):
+        await cluster.create(
+            "toolpolicies", cr("ToolPolicy", f"deny-{i}", {"appliesTo": {"mcpServer": "t"}, "decision": "deny"})
+        )
+    async with run_controller():
+        await wait_until(lambda: cluster.requests("POST", "/configmaps"), "the first ConfigMap write")
+        first = cluster.requests("POST", "/configmaps")[0].data["data"]
+        items = json.loads(first[projection.file_name("ToolPolicy")])["items"]
+        assert len(items) == 40
