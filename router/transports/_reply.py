@@ -22,7 +22,7 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
-from starlette.types import Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from router import _asgi, errors
 from router import usage as usage_mod
@@ -69,7 +69,7 @@ class Link:
         finally:
             self.waiting = False
 
-    async def watch(self, receive: Any, task: asyncio.Task[Any]) -> None:
+    async def watch(self, receive: Receive, task: asyncio.Task[Any]) -> None:
         """Until the caller disconnects; then cancel ``task`` if it is waiting on the upstream."""
         while (await receive())["type"] != "http.disconnect":
             pass

@@ -239,3 +239,34 @@ def test_no_endpoint_is_503_upstream_not_configured(router_server: Callable[...,
         sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # type: ignore[arg-type]
     assert caught.value.status_code == 503
     assert caught.value.body["code"] == "upstream_not_configured"  # type: ignore[index]
+
+
+BUDGET = """\
+apiVersion: kars.azure.com/v1alpha1
+kind: InferencePolicy
+metadata: {name: budget, namespace: team-a}
+spec:
+  appliesTo: {action: "*"}
+  tokenBudget: {dailyTokens: 100000}
+"""
+
+
+def test_usage_settles_the_token_budget(make_settings: Callable[..., Any], tmp_path: Path, policy_dir: Path) -> None:
+    """The transport's usage event is what the budget layer charges: settle, or release on no output."""
+    (policy_dir / "budget.yaml").write_text(BUDGET)
+    with foundry_stack(make_settings, tmp_path) as s:
+
+        def used() -> int:
+            last_state(s)
+            r = httpx.get(s.router.url + "/v1/budgets", headers={"authorization": f"Bearer {s.token}"})
+            lines = r.json()["budgets"]
+            assert lines and all(line["reserved"] == 0 for line in lines)
+            return int(lines[0]["used"])
+
+        azure(s).chat.completions.create(model="gpt-4o", messages=MESSAGES)  # type: ignore[arg-type]
+        assert used() == 15
+        list(azure(s).chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True))  # type: ignore[arg-type]
+        assert used() == 30  # the usage chunk the caller never saw was still charged
+        with pytest.raises(openai.RateLimitError):
+            azure(s).chat.completions.create(model="throttled", messages=MESSAGES)  # type: ignore[arg-type]
+        assert used() == 30  # an upstream error reply generated nothing: the reservation is released

@@ -175,3 +175,26 @@ def test_deployment_chain_rules() -> None:
     assert foundry.deployment_chain(None, pref) == ["a", "b", "c"]
     assert foundry.deployment_chain("z", pref) == ["z"]
     assert foundry.deployment_chain("z", None) == ["z"]
+
+
+def test_models_route_without_a_model_goes_to_the_primary(
+    make_settings: Callable[..., Any], tmp_path: Path, policy_dir: Path
+) -> None:
+    (policy_dir / "prefer.yaml").write_text(PREFERENCE.replace("throttled", "gpt-4o"))
+    with foundry_stack(make_settings, tmp_path) as s:
+        r = httpx.post(
+            f"{s.router.url}/models/chat/completions?api-version=2024-05-01-preview",
+            json={"messages": MESSAGES},
+            headers={"authorization": f"Bearer {s.token}"},
+        )
+        assert r.status_code == 200
+        seen = s.fake.requests[-1]
+        assert seen.path == "/models/chat/completions" and seen.query["api-version"] == ["2024-05-01-preview"]
+        assert seen.json() == {"messages": MESSAGES, "model": "gpt-4o"}
+        # Without a policy preference the body goes through untouched.
+        r = httpx.post(
+            f"{s.router.url}/models/embeddings",
+            json={"input": ["x"]},
+            headers={"authorization": f"Bearer {s.token}"},
+        )
+        assert r.status_code == 200 and s.fake.requests[-1].json() == {"input": ["x"]}
