@@ -8,9 +8,10 @@ Azure's error body on a bad key. Every request is recorded (method, path, query,
 body) so tests can assert what reached the upstream.
 
 Deployment (or ``model``) names select faults, so one fake serves the fallback tests too:
-``throttled`` 429, ``broken`` 500, ``badjson`` a 200 with malformed JSON, ``slow`` no answer until
-the caller leaves, ``dies`` a stream cut off mid-way, ``endless`` a stream that runs until the
-caller leaves, ``gated`` a stream that sends one chunk and waits for ``release()``.
+``throttled`` 429, ``broken`` 500, ``badjson`` a 200 with malformed JSON, ``slow`` no answer
+until the caller leaves, ``moved`` a 307, ``stalls`` a stream that stops sending, ``dies`` a
+stream cut off mid-way, ``endless`` a stream that runs until the caller leaves, ``gated`` a
+stream that sends one chunk and waits for ``release()``.
 """
 
 from __future__ import annotations
@@ -123,6 +124,14 @@ class FakeFoundry:
         elif deployment == "badjson":
             await _raw(send, 200, b"application/json", b'{"id": "chatcmpl-1", "choices": [')
         elif deployment == "slow":
+            await self._until_disconnect(receive)
+        elif deployment == "moved":
+            await _raw(send, 307, b"text/plain", b"moved", [(b"location", b"http://127.0.0.1:9/elsewhere")])
+        elif deployment == "stalls":
+            await _start_sse(send)
+            await send(
+                {"type": "http.response.body", "body": _chunk(deployment, {"content": "Hel"}), "more_body": True}
+            )
             await self._until_disconnect(receive)
         elif deployment == "dies":
             await _start_sse(send)

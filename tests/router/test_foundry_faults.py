@@ -198,3 +198,23 @@ def test_models_route_without_a_model_goes_to_the_primary(
             headers={"authorization": f"Bearer {s.token}"},
         )
         assert r.status_code == 200 and s.fake.requests[-1].json() == {"input": ["x"]}
+
+
+def test_upstream_stalling_mid_stream_ends_it_with_a_timeout_event(
+    make_settings: Callable[..., Any], tmp_path: Path
+) -> None:
+    with foundry_stack(make_settings, tmp_path, foundry={"readTimeoutS": 0.3}) as s:
+        baseline = s.tasks()
+        r = chat(s.router.url, s.token, "stalls", stream=True)
+        assert r.status_code == 200
+        assert '\n\nevent: error\ndata: {"error":{' in r.text and '"code":"upstream_timeout"' in r.text
+        assert r.text.endswith("data: [DONE]\n\n")
+        waiting.until(lambda: s.fake.disconnects == 1, timeout_s=5, what="the upstream sees the router hang up")
+        s.assert_idle(baseline)
+
+
+def test_redirects_are_not_followed(make_settings: Callable[..., Any], tmp_path: Path) -> None:
+    with foundry_stack(make_settings, tmp_path) as s:
+        r = chat(s.router.url, s.token, "moved")
+        assert r.status_code == 307 and r.headers["location"] == "http://127.0.0.1:9/elsewhere"
+        assert len(s.fake.requests) == 1
