@@ -63,6 +63,17 @@ def as_written(body: Body) -> dict[str, Any]:
     return {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": kept, "spec": body.get("spec")}
 
 
+def for_router(written: dict[str, Any]) -> dict[str, Any]:
+    """What the router gets of a CR. Of a KarsSandbox it needs the labels (for
+    ``sandboxMatchLabels``), not its env, image or identity: those stay in the tenant's
+    namespace instead of being copied into the platform's ConfigMap."""
+    if written.get("kind") != "KarsSandbox":
+        return written
+    spec = written.get("spec")
+    slim = {k: spec[k] for k in ("image", "replicas") if k in spec} if isinstance(spec, dict) else spec
+    return {**written, "spec": slim}
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Entry:
     item: dict[str, Any]  # what goes into the kind's file
@@ -91,7 +102,7 @@ def compile_resources(bodies: Iterable[Body], cache: Cache | None = None) -> Com
         key = key_of(body)
         if key[0] not in PLURALS:
             continue
-        written = as_written(body)
+        written = for_router(as_written(body))
         fingerprint = json.dumps(written, sort_keys=True)
         cached = cache.get(key) if cache is not None else None
         if cached is not None and cached[0] == fingerprint:

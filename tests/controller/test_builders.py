@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from pathlib import Path
 from typing import Any
 
@@ -216,3 +217,15 @@ def test_finished_pod_phases_carry_over() -> None:
         assert status["phase"] == phase
         ready = conditions.get_condition(status["conditions"], "Ready")
         assert ready is not None and ready["status"] == "False" and ready["reason"] == f"Pod{phase}"
+
+
+def test_sandboxes_reach_the_router_with_labels_but_without_env_or_identity() -> None:
+    body = _body(
+        "KarsSandbox",
+        "agent",
+        {"image": "img:1", "env": [{"name": "TOKEN", "value": "s3cret"}], "identity": {"clientId": "c"}},
+    )
+    body["metadata"]["labels"] = {"team": "a"}
+    (item,) = projection.projected_items(projection.compile_resources([body]), "KarsSandbox")
+    assert item["metadata"]["labels"] == {"team": "a"}
+    assert "s3cret" not in json.dumps(item) and "identity" not in item["spec"]
