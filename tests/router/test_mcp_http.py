@@ -57,6 +57,10 @@ def headers(router: Any, sandbox: str = ms.SANDBOX, **extra: str) -> dict[str, s
 
 
 def sse_messages(resp: httpx.Response) -> list[dict[str, Any]]:
+    """The JSON-RPC messages of a POST's answer: a JSON body, or the events of an SSE stream."""
+    if resp.headers["content-type"] == "application/json":
+        body = resp.json()
+        return body if isinstance(body, list) else [body]
     assert resp.headers["content-type"].startswith("text/event-stream")
     return [json.loads(e.data) for e in httpx_sse.EventSource(resp).iter_sse() if e.event == "message"]
 
@@ -92,6 +96,12 @@ def test_status_codes(start: Callable[..., Any]) -> None:
 
     ok = httpx.post(url, json=ping, headers=headers(router, **with_session))
     assert ok.status_code == 200 and sse_messages(ok) == [{"jsonrpc": "2.0", "id": 2, "result": {}}]
+    assert ok.headers["content-type"] == "application/json"  # nothing came before the response: plain JSON
+    progress = {"name": "count", "arguments": {"n": 2}, "_meta": {"progressToken": 1}}
+    counting = {"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": progress}
+    counted = httpx.post(url, json=counting, headers=headers(router, **with_session))  # progress first: a stream
+    assert counted.headers["content-type"].startswith("text/event-stream")
+    assert [m.get("method", "response") for m in sse_messages(counted)][-1] == "response"
 
     cases: list[tuple[str, dict[str, str], Any, int]] = [
         ("POST", {"accept": "application/json"}, ping, 406),
@@ -259,7 +269,7 @@ def test_upstream_killed_mid_call_ends_the_session_cleanly(router_server: Callab
     upstream = servers.ServerThread(ms.build_upstream().streamable_http_app(), port=port)
     upstream.start_and_wait()
     ms.write_policy(policy_dir, ms.mcp_server_doc("tools", f"{upstream.url}/mcp", "streamable-http"))
-    router = router_server()
+    router = router_server(mcp={"keepAliveS": 0.05})  # a silent tool: the answer turns SSE, with keep-alives
     session = initialize(router)
     body = {"jsonrpc": "2.0", "id": 4, "method": "tools/call", "params": {"name": "hang", "arguments": {}}}
     hdrs = headers(router, **{"mcp-session-id": session, "mcp-protocol-version": VERSION})

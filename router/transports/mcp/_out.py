@@ -69,30 +69,81 @@ async def serve(
             watcher.cancel()
 
 
+async def json_reply(send: Send, data: str, headers: list[tuple[bytes, bytes]]) -> None:
+    """The whole answer to a POST in one JSON body (Streamable HTTP allows JSON or SSE)."""
+    body = data.encode()
+    start = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]
+    await send({"type": "http.response.start", "status": 200, "headers": start})
+    await send({"type": "http.response.body", "body": body})
+
+
 async def serve_inline(
     stream: sessions.Stream,
     session: sessions.Session,
     send: Send,
     pump: gateway.Pump,
     *,
+    keep_alive_s: float,
     headers: list[tuple[bytes, bytes]],
 ) -> None:
     """Answer one POSTed request while pumping it: each upstream message goes out as it arrives.
 
-    Events still go through ``stream`` (numbered, kept for ``Last-Event-ID``); a resumed GET
-    that takes the stream over gets the rest, while this response stops writing. The pump runs
-    to the upstream's response even if the client has gone, so a resumption finds it complete.
+    When the upstream's first message about the request is its response, the answer is plain
+    JSON; when anything comes first (progress, a server-to-client request), or nothing has come
+    for ``keep_alive_s``, it is an SSE stream, with keep-alive comments while the tool works.
+    Events go through ``stream`` (numbered, kept for ``Last-Event-ID``); a resumed GET that
+    takes the stream over gets the rest, while this response stops writing. The pump runs to
+    the upstream's response even if the client has gone, so a resumption finds it complete.
     """
-    await send({"type": "http.response.start", "status": 200, "headers": [*_wire.SSE_HEADERS, *headers]})
-    mine: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    loop = asyncio.get_running_loop()
+    mine: asyncio.Future[Any] = loop.create_future()
     stream.reader = mine
     session.busy += 1
+    mode = "undecided"  # then "json" or "sse"
+    writing = asyncio.Lock()  # the pump and the keep-alive ticker both write
 
-    async def flush() -> None:
-        if stream.reader is mine:
-            batch = stream.take()
-            if batch:
-                await send({"type": "http.response.body", "body": batch, "more_body": True})
+    async def start_sse() -> None:
+        nonlocal mode
+        mode = "sse"
+        await send({"type": "http.response.start", "status": 200, "headers": [*_wire.SSE_HEADERS, *headers]})
+
+    async def tick() -> None:
+        while True:
+            async with writing:
+                if mode == "json":
+                    return  # answered in full already
+                if mode == "undecided":
+                    await start_sse()
+                await send({"type": "http.response.body", "body": _wire.KEEPALIVE_COMMENT, "more_body": True})
+            await asyncio.sleep(keep_alive_s)
+
+    ticker: asyncio.Task[None] | None = None
+
+    def start_ticker() -> None:
+        nonlocal ticker
+        if ticker is None:  # only a call that runs this long pays for a task
+            ticker = asyncio.create_task(tick())
+
+    idle = loop.call_later(keep_alive_s, start_ticker)
+
+    async def flush(final: bool = False) -> None:
+        nonlocal mode, idle
+        idle.cancel()
+        if mode != "json":
+            idle = loop.call_later(keep_alive_s, start_ticker)
+        async with writing:
+            if mode == "json":
+                return
+            if mode == "undecided":
+                if stream.reader is mine and stream.seq == 1 and pump.answered():
+                    mode = "json"
+                    stream.take()
+                    await json_reply(send, stream.last_data, headers)
+                    return
+                await start_sse()
+            batch = stream.take() if stream.reader is mine else b""
+            if batch or final:
+                await send({"type": "http.response.body", "body": batch, "more_body": not final})
 
     task = asyncio.current_task()
     assert task is not None
@@ -104,9 +155,14 @@ async def serve_inline(
             if not session.ended:
                 raise
             task.uncancel()  # the gateway ended the session: its error answer is in the stream
-        if stream.reader is mine:
-            await send({"type": "http.response.body", "body": stream.take(), "more_body": False})
+        if ticker is not None:
+            ticker.cancel()
+            await asyncio.gather(ticker, return_exceptions=True)
+        await flush(final=True)
     finally:
+        idle.cancel()
+        if ticker is not None:
+            ticker.cancel()
         session.inline.discard(task)
         if stream.reader is mine:
             stream.reader = None

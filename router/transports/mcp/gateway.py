@@ -300,6 +300,10 @@ class Pump:
     async def run(self, after_each: Callable[[], Awaitable[None]] | None = None) -> None:
         await self.gw._pump(self.session, self.message, self.raw, self.target, after_each)
 
+    def answered(self) -> bool:
+        """Whether the response to this request has been delivered."""
+        return self.message.get("id") not in self.session.pending
+
 
 def _is_tool_error(item: dict[str, Any]) -> bool:
     result = item.get("result")

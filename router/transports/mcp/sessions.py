@@ -35,13 +35,14 @@ class Stream:
         self.closed = False
         self.reader: asyncio.Future[Any] | None = None  # the open response writing this stream: its stop
         self.open_requests = 0  # responses still owed on this stream
+        self.last_data = ""  # the JSON text of the newest event
         self._events: collections.deque[bytes] = collections.deque(maxlen=replay_limit)
         self._changed: asyncio.Future[None] = asyncio.get_running_loop().create_future()  # done: news
 
-    def push(self, data: str, *, with_id: bool = True) -> None:
+    def push(self, data: str) -> None:
         self.seq += 1
-        event_id = f"{self.number}.{self.seq}" if with_id else None
-        self._events.append(_wire.sse_event(data, event_id=event_id))
+        self.last_data = data
+        self._events.append(_wire.sse_event(data, event_id=f"{self.number}.{self.seq}"))
         self._wake()
 
     def close(self) -> None:

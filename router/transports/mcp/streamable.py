@@ -109,7 +109,13 @@ class StreamableEndpoint:
         if len(messages) == 1:
             pump = await self.gw.dispatch(session, messages[0], raws[0], stream, inline=True)
             if pump is not None:
-                await _out.serve_inline(stream, session, send, pump, headers=headers)
+                await _out.serve_inline(
+                    stream, session, send, pump, keep_alive_s=self.gw.settings.keep_alive_s, headers=headers
+                )
+                return
+            if stream.seq == 1:  # answered by the router itself (policy): one JSON body
+                stream.close()
+                await _out.json_reply(send, stream.last_data, headers)
                 return
         else:
             for message, raw in zip(messages, raws, strict=True):
