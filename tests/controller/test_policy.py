@@ -256,3 +256,28 @@ async def test_first_projection_holds_every_policy_that_already_exists(
         first = cluster.requests("POST", "/configmaps")[0].data["data"]
         items = json.loads(first[projection.file_name("ToolPolicy")])["items"]
         assert len(items) == 40
+
+
+async def test_sandbox_policy_digest_follows_its_referenced_policies(
+    cluster: Cluster, run_controller: ControllerFactory
+) -> None:
+    async with run_controller() as ctl:
+        await cluster.create(
+            "inferencepolicies", cr("InferencePolicy", "budget", {"tokenBudget": {"hourlyTokens": 10}})
+        )
+        body = cr(
+            "KarsSandbox", "agent-1", {"image": "img:1", "policyRefs": [{"kind": "InferencePolicy", "name": "budget"}]}
+        )
+        await cluster.create("karssandboxes", body)
+
+        def sandbox_digest() -> str | None:
+            obj = cluster.get("karssandboxes", NS, "agent-1") or {}
+            return (obj.get("status") or {}).get("policyDigest")
+
+        def expected() -> str | None:
+            want = ctl.compiled.digests.get(("InferencePolicy", NS, "budget"))
+            return digest.of_digests([want]) if want else None
+
+        first = await wait_until(lambda: expected() and sandbox_digest() == expected() and sandbox_digest(), "digest")
+        await cluster.patch("inferencepolicies", NS, "budget", {"spec": {"tokenBudget": {"hourlyTokens": 20}}})
+        await wait_until(lambda: sandbox_digest() not in (None, first) and sandbox_digest() == expected(), "new digest")
