@@ -218,9 +218,12 @@ class Controller:
                 ready = conditions.get_condition(status.get("conditions"), "Ready") or {}
                 if ready.get("reason") == "RouterRejected" and key in self.index:
                     # A permanent error: say why on the object, once per distinct reason.
-                    await self.kube.post_event(
-                        self.index[key], type_="Warning", reason="RouterRejected", message=ready["message"]
-                    )
+                    try:
+                        await self.kube.post_event(
+                            self.index[key], type_="Warning", reason="RouterRejected", message=ready["message"]
+                        )
+                    except (kopf.TemporaryError, kopf.PermanentError) as exc:  # the condition says it too
+                        log.warning("event not posted for %s: %s", "/".join(key), exc)
             self._written[key] = fingerprint
             if key in self.index:
                 self.index[key].setdefault("status", {}).update(status)
