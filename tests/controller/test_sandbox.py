@@ -259,3 +259,13 @@ async def test_lifecycle_timer_only_reads_the_pod_until_something_is_due(
         await asyncio.sleep(1.0)  # about five timer ticks
         assert len(cluster.requests("GET", f"/namespaces/{NS}/pods/agent-1")) > reads  # the timer runs
         assert child_writes() == writes  # and writes nothing
+
+
+async def test_fixing_an_invalid_sandbox_reconciles_it(cluster: Cluster, run_controller: ControllerFactory) -> None:
+    async with run_controller():
+        await cluster.create(SANDBOXES, sandbox(image=""))
+        await wait_until(lambda: _phase(cluster) == "Failed", "phase Failed")
+        await cluster.patch(SANDBOXES, NS, "agent-1", {"spec": {"image": "ghcr.io/example/agent:1"}})
+        await wait_until(lambda: cluster.get("pods", NS, "agent-1"), "the pod once the spec is valid")
+        await wait_until(lambda: _phase(cluster) == "Pending", "phase Pending")
+        assert _ready(cluster.get(SANDBOXES, NS, "agent-1"))["reason"] != "InvalidSpec"  # type: ignore[index]
