@@ -147,6 +147,27 @@ async def test_sqlite_counters_survive_reopening(tmp_path: Path) -> None:
         await s.close()
 
 
+async def test_sqlite_a_failed_write_changes_nothing_and_the_store_goes_on(tmp_path: Path) -> None:
+    s = sqlite.SqliteStore(tmp_path / "budgets.db")
+    await s.open()
+    try:
+        bad = base.Charge(["not", "text"], 100, FAR)  # type: ignore[arg-type]  # sqlite cannot bind a list
+        outs = await asyncio.gather(
+            *(reserve(s, f"ok{i}", [charge("a", 1000)], 10) for i in range(20)),
+            reserve(s, "bad", [charge("a", 1000), bad], 10),
+            *(reserve(s, f"ok{i}", [charge("a", 1000)], 10) for i in range(20, 40)),
+            return_exceptions=True,
+        )
+        assert isinstance(outs[20], base.StoreUnavailable)
+        for out in outs:  # writes batched with the bad one failed with it; none half-applied
+            assert isinstance(out, base.Outcome | base.StoreUnavailable), out
+        admitted = sum(isinstance(o, base.Outcome) and o.admitted for o in outs)
+        assert await s.read(["a"]) == [base.Counter(0, 10 * admitted)]
+        assert (await reserve(s, "after", [charge("a", 1000)], 10)).admitted
+    finally:
+        await s.close()
+
+
 async def test_sqlite_unusable_path_is_unavailable(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
