@@ -27,7 +27,6 @@ from tests.support import servers
 
 SANDBOX = "team-a/agent"
 KILL_WAIT_S = 2.0
-HANG = asyncio.Event()  # never set: the `hang` tool waits on it until its server dies
 
 
 class Name(BaseModel):
@@ -36,6 +35,7 @@ class Name(BaseModel):
 
 def build_upstream() -> MCPServer:
     server = MCPServer("upstream")
+    never = asyncio.Event()  # never set: the `hang` tool waits on it until its server dies
 
     @server.tool()
     def echo(text: str) -> str:
@@ -68,7 +68,7 @@ def build_upstream() -> MCPServer:
 
     @server.tool()
     async def hang() -> str:
-        await HANG.wait()
+        await never.wait()
         return "never"
 
     @server.resource("info://motd")
