@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from tests.support import asgi
+
 _FILTER = {k: {"filtered": False, "severity": "safe"} for k in ("hate", "self_harm", "sexual", "violence")}
 _TEXT = "The quick brown fox jumps over the lazy dog. " * 12
 _USAGE = {"prompt_tokens": 240, "completion_tokens": 120, "total_tokens": 360}
@@ -56,11 +58,7 @@ _SSE_HEADERS = [(b"content-type", b"text/event-stream")]
 
 async def app(scope: Any, receive: Any, send: Any) -> None:
     if scope["type"] == "lifespan":
-        while True:
-            kind = (await receive())["type"]
-            await send({"type": kind + ".complete"})
-            if kind == "lifespan.shutdown":
-                return
+        return await asgi.lifespan(receive, send)
     body = b""
     more = True
     while more:

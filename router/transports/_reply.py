@@ -35,22 +35,7 @@ MAX_JSON_BYTES = 4 * 1024 * 1024
 TAIL_BYTES = 64 * 1024  # of a JSON reply too large to parse whole: where its "usage" is looked for
 _USAGE_KEY = re.compile(rb'(?<!\\)"usage"\s*:\s*')
 
-# Not relayed: hop-by-hop (RFC 9110 §7.6.1), what uvicorn sets itself, and cookies meant for the router.
-_DROP_RESPONSE = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"proxy-authenticate",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"date",
-        b"server",
-        b"set-cookie",
-    }
-)
+_DROP_RESPONSE = http_mod.DROP_RESPONSE_HEADERS
 
 
 class Link:

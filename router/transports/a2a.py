@@ -71,22 +71,7 @@ _FORWARD_REQUEST = frozenset(
     {b"content-type", b"accept", b"a2a-version", b"a2a-extensions", b"x-a2a-extensions", b"last-event-id"}
 )
 _FORWARD_CARD_RESPONSE = frozenset({b"content-type", b"etag", b"cache-control", b"last-modified"})
-_DROP_RESPONSE = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"proxy-authenticate",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"date",
-        b"server",
-        b"set-cookie",
-        b"content-length",
-    }
-)
+_DROP_RESPONSE = http_mod.DROP_RESPONSE_HEADERS | {b"content-length"}
 _VERSION_RE = re.compile(r"^\s*(\d+)\.(\d+)")
 
 

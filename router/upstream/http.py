@@ -32,6 +32,25 @@ KEEPALIVE_S = 30.0
 READ_CHUNK_BYTES = 64 * 1024
 
 
+# Response headers never relayed to the caller: hop-by-hop (RFC 9110 §7.6.1), what our own
+# server sets itself, and cookies meant for the router rather than the caller.
+DROP_RESPONSE_HEADERS = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"date",
+        b"server",
+        b"set-cookie",
+    }
+)
+
+
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Timeouts:
     connect_s: float = 5.0

@@ -22,6 +22,8 @@ from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
+from tests.support import asgi
+
 API_VERSION = "2024-09-01"
 MAX_TEXT_CHARS = 10_000
 CATEGORIES = ("Hate", "SelfHarm", "Sexual", "Violence")
@@ -41,17 +43,8 @@ class FakeContentSafety:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                kind = (await receive())["type"]
-                await send({"type": kind + ".complete"})
-                if kind == "lifespan.shutdown":
-                    return
-        body = b""
-        while True:
-            msg = await receive()
-            body += msg.get("body", b"")
-            if not msg.get("more_body"):
-                break
+            return await asgi.lifespan(receive, send)
+        body = await asgi.read_body(receive)
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
         if not self._authorized(headers):
             message = "Access denied due to invalid subscription key or wrong API endpoint."

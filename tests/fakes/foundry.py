@@ -26,6 +26,8 @@ from urllib.parse import parse_qs
 
 from starlette.types import Receive, Scope, Send
 
+from tests.support import asgi
+
 FAULT_WAIT_S = 10.0  # the longest any fault holds a request (every wait is bounded)
 WORDS = ["Hello", " from", " the", " fake", " upstream", "."]
 PROMPT_FILTER = [
@@ -67,17 +69,8 @@ class FakeFoundry:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                kind = (await receive())["type"]
-                await send({"type": kind + ".complete"})
-                if kind == "lifespan.shutdown":
-                    return
-        body = b""
-        while True:
-            msg = await receive()
-            body += msg.get("body", b"")
-            if not msg.get("more_body"):
-                break
+            return await asgi.lifespan(receive, send)
+        body = await asgi.read_body(receive)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         rec = Recorded(scope["method"], scope["path"], parse_qs(scope["query_string"].decode()), headers, body)
         self.requests.append(rec)

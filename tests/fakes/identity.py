@@ -17,6 +17,8 @@ from urllib.parse import parse_qs
 
 from starlette.types import Receive, Scope, Send
 
+from tests.support import asgi
+
 IMDS_PATH = "/metadata/identity/oauth2/token"
 APP_SERVICE_PATH = "/msi/token"
 APP_SERVICE_SECRET = "app-service-secret"
@@ -32,11 +34,7 @@ class FakeIdentityEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                kind = (await receive())["type"]
-                await send({"type": kind + ".complete"})
-                if kind == "lifespan.shutdown":
-                    return
+            return await asgi.lifespan(receive, send)
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
         query = {k: v[0] for k, v in parse_qs(scope["query_string"].decode()).items()}
         self.requests.append({"path": scope["path"], "query": query, "headers": headers})
