@@ -63,7 +63,6 @@ spec:
 """
 UPSTREAM_APP = """
 import json
-from tests.support import asgi
 BODY = json.dumps({"id": "chatcmpl-bench", "object": "chat.completion", "model": "gpt-4o",
     "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "ok " * 300}}],
     "usage": {"prompt_tokens": 240, "completion_tokens": 120, "total_tokens": 360}}).encode()
@@ -71,7 +70,11 @@ HEADERS = [(b"content-type", b"application/json"), (b"content-length", str(len(B
 
 async def app(scope, receive, send):
     if scope["type"] == "lifespan":
-        return await asgi.lifespan(receive, send)
+        while True:
+            kind = (await receive())["type"]
+            await send({"type": kind + ".complete"})
+            if kind == "lifespan.shutdown":
+                return
     more = True
     while more:
         more = (await receive()).get("more_body", False)

@@ -38,7 +38,6 @@ SIZES_BYTES = (1024, 32 * 1024)
 
 UPSTREAM = """
 import json
-from tests.support import asgi
 TEXT = "The quick brown fox jumps over the lazy dog. " * 12
 FILTER = {k: {"filtered": False, "severity": "safe"} for k in ("hate", "self_harm", "sexual", "violence")}
 BODY = json.dumps({
@@ -52,7 +51,11 @@ HEADERS = [(b"content-type", b"application/json"), (b"content-length", str(len(B
 
 async def app(scope, receive, send):
     if scope["type"] == "lifespan":
-        return await asgi.lifespan(receive, send)
+        while True:
+            kind = (await receive())["type"]
+            await send({"type": kind + ".complete"})
+            if kind == "lifespan.shutdown":
+                return
     more = True
     while more:
         more = (await receive()).get("more_body", False)
