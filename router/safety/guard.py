@@ -1,7 +1,10 @@
 """The output of one request, checked as it passes: ``OutputGuard`` wraps the transport's ``send``.
 
 - a 2xx JSON reply (the transport sends it whole, up to 4 MiB) is held and checked before any of
-  it goes out; a blocked one becomes the error instead (a larger reply streams on unchecked);
+  it goes out (a larger reply streams on unchecked). Blocked output of a chat or completions
+  reply is answered as Azure OpenAI answers it: 200, every choice's text removed, its
+  ``finish_reason`` ``content_filter`` and its ``content_filter_results`` naming what tripped; a
+  reply without choices (Responses, images) becomes the 400 ``content_filter`` error;
 - an SSE reply is checked event by event as the transport sends whole events: annotations at
   once, the local floor on each event's text (with an overlap, for matches across events), Content
   Safety on batches of text (events are held back until their batch is rated, as Azure's own
@@ -77,6 +80,32 @@ def _event_doc(event: bytes) -> Any:
         return json.loads(data)
     except ValueError:
         return None
+
+
+def _filtered_choices(doc: Any, refusal: errors.KarsError) -> Any:
+    """A chat/completions reply with its generated content removed, as Azure filters output.
+
+    Each choice keeps its index and role; its text (``message.content``, ``text``) and any tool
+    or function call (whose arguments are generated too) are dropped. None when ``doc`` has no
+    choices to filter.
+    """
+    choices = doc.get("choices") if isinstance(doc, dict) else None
+    if not isinstance(choices, list) or not choices or not all(isinstance(c, dict) for c in choices):
+        return None
+    result = refusal.extra["innererror"]["content_filter_result"]
+    out = []
+    for choice in choices:
+        kept = {**choice, "finish_reason": "content_filter", "content_filter_results": result}
+        message = choice.get("message")
+        if isinstance(message, dict):
+            kept["message"] = {
+                k: v for k, v in message.items() if k not in ("tool_calls", "function_call", "audio", "refusal")
+            } | {"content": None}
+        if "text" in choice:
+            kept["text"] = ""
+        kept.pop("logprobs", None)
+        out.append(kept)
+    return {**doc, "choices": out}
 
 
 def _content_type(message: Message) -> bytes:
@@ -195,8 +224,24 @@ class OutputGuard:
         calls = [(p.name, p.check_output(text)) for p in judge.providers] if text else []
         found, down = await judge_mod.gather(calls) if calls else ([], None)
         refusal = judge.decide([*foundry.output_findings(doc), *found], down, "output")
-        if refusal is not None:
+        if refusal is None:
+            return
+        filtered = _filtered_choices(doc, refusal)
+        if filtered is None or _is_prompt(refusal) or "innererror" not in refusal.extra:
             await self._end(refusal, stream=False)
+        await self._answer(filtered, refusal)
+
+    async def _answer(self, doc: Any, refusal: errors.KarsError) -> None:
+        """Send ``doc`` as the whole 200 reply in place of what the upstream generated."""
+        self._ended = True
+        body = json.dumps(doc, separators=(",", ":")).encode()
+        start = self._start or {"type": "http.response.start", "status": 200, "headers": []}
+        self._start = None
+        headers = [(k, v) for k, v in start.get("headers", ()) if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await self._send({**start, "headers": headers})
+        await self._send({"type": "http.response.body", "body": body, "more_body": False})
+        raise Blocked(refusal, answered=True)
 
     async def _end(self, error: errors.KarsError, *, stream: bool = True, before: Sequence[bytes] = ()) -> None:
         """Stop the response with ``error``: in-stream (after the ``before`` events), or as the whole answer.

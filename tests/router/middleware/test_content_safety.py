@@ -70,6 +70,15 @@ def words(events: list[str]) -> str:
     return text
 
 
+def filtered(r: httpx.Response) -> dict[str, Any]:
+    """A non-streamed reply whose output was filtered, in Azure OpenAI's own shape (a 200)."""
+    assert r.status_code == 200, r.text
+    (choice,) = r.json()["choices"]
+    assert choice["finish_reason"] == "content_filter"
+    assert choice["message"]["content"] is None and choice["message"]["role"] == "assistant"
+    return choice["content_filter_results"]  # type: ignore[no-any-return]
+
+
 def inner(r: httpx.Response) -> dict[str, Any]:
     assert r.status_code == 400, r.text
     error = r.json()["error"]
@@ -160,9 +169,9 @@ def test_annotation_only_output_block_with_a_tightened_policy(
     with safety_stack(make_settings, tmp_path) as s:
         assert chat(s, "hi", deployment="flag-output-self_harm-low").status_code == 200
         r = chat(s, "hi", deployment="flag-output-self_harm-medium")
-        assert inner(r) == {"self_harm": {"filtered": True, "severity": "medium"}}
+        assert filtered(r) == {"self_harm": {"filtered": True, "severity": "medium"}}
         assert "Hello" not in r.text  # the generated text never reaches the caller
-        assert r.json()["error"]["message"].startswith("The model output was filtered")
+        assert int(r.headers["content-length"]) == len(r.content)
 
 
 def test_upstream_content_filter_400_reaches_the_sdk_and_is_counted(make_settings: MS, tmp_path: Path) -> None:
@@ -236,8 +245,21 @@ def test_non_streamed_output_blocked_by_the_local_floor(make_settings: MS, tmp_p
     blocklists = [{"name": "b", "regexes": [r"fake\s+up"]}]
     with safety_stack(make_settings, tmp_path, safety={"localFloor": {"blocklists": blocklists}}) as s:
         r = chat(s, "hi")
-        assert inner(r)["custom_blocklists"]["details"] == [{"filtered": True, "id": "b"}]
+        # Azure's own answer to filtered output: a 200 whose choice carries no text.
+        assert filtered(r)["custom_blocklists"]["details"] == [{"filtered": True, "id": "b"}]
+        assert "fake" not in r.text.replace("chatcmpl-fake", "").replace("fp_fake", "")
         assert len(s.fake.requests) == 1  # the prompt passed; the output did not
+
+
+def test_filtered_output_reaches_the_sdk_as_azure_sends_it(make_settings: MS, tmp_path: Path) -> None:
+    blocklists = [{"name": "b", "regexes": [r"fake\s+up"]}]
+    with safety_stack(make_settings, tmp_path, safety={"localFloor": {"blocklists": blocklists}}) as s:
+        client = openai.AzureOpenAI(
+            azure_endpoint=s.router.url, api_version="2024-10-21", api_key=s.token, max_retries=0
+        )
+        reply = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+        assert reply.choices[0].finish_reason == "content_filter"
+        assert reply.choices[0].message.content is None
 
 
 # -- Azure AI Content Safety ---------------------------------------------------------------------------
@@ -318,7 +340,7 @@ def test_streamed_output_rated_by_content_safety(make_settings: MS, tmp_path: Pa
         assert chat(s, "hi", deployment="words").status_code == 200  # Medium: the floor allows it
         s.fake.words = ["a reply with cs:Violence:6 in it"]
         r = chat(s, "hi", deployment="words")
-        assert inner(r) == {"violence": {"filtered": True, "severity": "high"}}
+        assert filtered(r) == {"violence": {"filtered": True, "severity": "high"}}
         assert "a reply" not in r.text
         assert s.content_safety.operations("analyze")[-1]["text"] == "a reply with cs:Violence:6 in it"
 
