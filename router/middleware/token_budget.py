@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 import math
+import secrets
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -93,6 +94,8 @@ class TokenBudgetMiddleware:
         # Plans by (namespace, name, action): the counters a caller charges change only with the
         # snapshot or the hour, so they are worked out once, not per request. Bounded.
         self._plans: dict[tuple[str, str, str], _Plan] = {}
+        self._id_prefix = secrets.token_hex(8) + "-"
+        self._id_counter = itertools.count(1)
 
     def plan(self, snapshot: Any, principal: Principal, action: str, now: float) -> _Plan:
         key = (principal.namespace, principal.name, action)
@@ -118,6 +121,13 @@ class TokenBudgetMiddleware:
             self._plans.clear()
         self._plans[key] = plan
         return plan
+
+    def next_reservation_id(self) -> str:
+        """Unique across replicas and restarts: a random per-instance prefix and a counter.
+
+        (uuid4 per request cost ~10% of a budgeted request's CPU here: a getrandom call each.)
+        """
+        return f"{self._id_prefix}{next(self._id_counter):x}"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":
@@ -151,7 +161,7 @@ class _Budgeted:
         mw, m, plan, now = self.mw, self.mw._metrics, self.plan, self.now
         worst = budgets.worst_case(action, body, self.policies)
         self._check_cap(worst)
-        rid = uuid.uuid4().hex
+        rid = mw.next_reservation_id()
         deadline = now + base.RESERVATION_TTL_S
         try:
             outcome = await mw._store.reserve(rid, plan.charges, worst.tokens, deadline=deadline, now=now)
