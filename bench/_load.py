@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -38,37 +39,41 @@ def pinned(core: str, argv: Sequence[str]) -> list[str]:
 
 @contextlib.contextmanager
 def process(
-    argv: Sequence[str], *, ready_url: str, env: dict[str, str] | None = None, cwd: Path | None = None
+    argv: Sequence[str],
+    *,
+    ready_url: str,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    log: Path | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """Start ``argv``, wait until ``ready_url`` answers, stop it afterwards."""
-    proc = subprocess.Popen(
-        list(argv),
-        env={**os.environ, **(env or {})},
-        cwd=cwd,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                err = proc.stderr.read().decode() if proc.stderr else ""
-                raise RuntimeError(f"{argv[0]} exited: {err[-2000:]}")
-            try:
-                if httpx.get(ready_url, timeout=1).status_code < 500:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{ready_url} not ready")
-            time.sleep(0.1)
-        yield proc
-    finally:
-        proc.terminate()
+    """Start ``argv``, wait until ``ready_url`` answers, stop it afterwards.
+
+    stderr goes to a file (``log``, or an anonymous temporary one), never to a pipe nobody drains:
+    a chatty server would fill the pipe and stall in the middle of a measurement.
+    """
+    with log.open("w+b") if log is not None else tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(
+            list(argv), env={**os.environ, **(env or {})}, cwd=cwd, stdout=subprocess.DEVNULL, stderr=err
+        )
         try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            deadline = time.monotonic() + READY_TIMEOUT_S
+            while True:
+                if proc.poll() is not None:
+                    err.seek(0)
+                    raise RuntimeError(f"{argv[0]} exited: {err.read().decode(errors='replace')[-2000:]}")
+                with contextlib.suppress(httpx.TransportError):
+                    if httpx.get(ready_url, timeout=1).status_code < 500:
+                        break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{ready_url} not ready")
+                time.sleep(0.1)
+            yield proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 @dataclasses.dataclass(frozen=True)

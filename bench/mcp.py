@@ -16,11 +16,7 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import httpx
 
 from bench import _load, _mcp_client
 
@@ -50,31 +46,11 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-@contextlib.contextmanager
 def _process(
     argv: list[str], *, ready_url: str, log: Path, env: dict[str, str] | None = None
-) -> Iterator[subprocess.Popen[bytes]]:
-    """Like ``_load.process``, but stderr goes to a file: the audit log must never fill a pipe."""
-    with log.open("wb") as err:
-        proc = subprocess.Popen(argv, env=_env(env), cwd=log.parent, stdout=subprocess.DEVNULL, stderr=err)
-        try:
-            deadline = time.monotonic() + _load.READY_TIMEOUT_S
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{argv} exited: {log.read_text()[-2000:]}")
-                with contextlib.suppress(httpx.TransportError):
-                    if httpx.get(ready_url, timeout=1).status_code < 500:
-                        break
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{ready_url} not ready")
-                time.sleep(0.1)
-            yield proc
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
+    """A server run from the work dir with this tree on its path; stderr (the audit log) to ``log``."""
+    return _load.process(argv, ready_url=ready_url, env=_env(env), cwd=log.parent, log=log)
 
 
 def _upstream(kind: str, work: Path) -> tuple[list[str], str, str]:
