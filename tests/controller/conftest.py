@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -16,6 +15,7 @@ import pytest
 
 from controller import config, crds, operator, reconciler
 from tests.controller import kubeapi
+from tests.support import waiting
 
 WAIT_S = 30.0  # generous: the machine is shared; a passing wait returns as soon as its condition holds
 POLL_S = 0.01
@@ -90,14 +90,7 @@ def _plain(value: Any) -> Any:
 
 async def wait_until(predicate: Callable[[], Any], what: str, within_s: float = WAIT_S) -> Any:
     """Poll a condition on state the test can see; fail with ``what`` after ``within_s`` seconds."""
-    deadline = time.monotonic() + within_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within_s}s waiting for {what}")
-        await asyncio.sleep(POLL_S)
+    return await waiting.until_async(predicate, timeout_s=within_s, interval_s=POLL_S, what=what)
 
 
 @pytest.fixture

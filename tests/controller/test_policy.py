@@ -280,4 +280,8 @@ async def test_sandbox_policy_digest_follows_its_referenced_policies(
 
         first = await wait_until(lambda: expected() and sandbox_digest() == expected() and sandbox_digest(), "digest")
         await cluster.patch("inferencepolicies", NS, "budget", {"spec": {"tokenBudget": {"hourlyTokens": 20}}})
-        await wait_until(lambda: sandbox_digest() not in (None, first) and sandbox_digest() == expected(), "new digest")
+        second = await wait_until(
+            lambda: sandbox_digest() not in (None, first) and sandbox_digest() == expected() and sandbox_digest(),
+            "new digest",
+        )
+        assert second != first and second == expected()

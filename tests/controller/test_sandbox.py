@@ -161,7 +161,8 @@ async def test_pod_deleted_under_the_controller_is_recreated(
             pod = cluster.get("pods", NS, "agent-1")
             return pod if pod and pod["metadata"]["uid"] != first["metadata"]["uid"] else None
 
-        await wait_until(recreated, "a new pod")
+        second = await wait_until(recreated, "a new pod")
+        assert second["metadata"]["uid"] != first["metadata"]["uid"]
 
 
 async def test_deleting_the_sandbox_cleans_up(cluster: Cluster, run_controller: ControllerFactory) -> None:

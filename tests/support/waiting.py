@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -18,3 +19,17 @@ def until(probe: Callable[[], T | None], *, timeout_s: float = 10.0, interval_s:
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout_s}s waiting for {what or probe}")
         time.sleep(interval_s)
+
+
+async def until_async(
+    probe: Callable[[], T | None], *, timeout_s: float = 10.0, interval_s: float = 0.01, what: str = ""
+) -> T:
+    """``until`` for tests on an event loop: the loop keeps running between probes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s}s waiting for {what or probe}")
+        await asyncio.sleep(interval_s)
