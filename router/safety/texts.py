@@ -93,16 +93,7 @@ def output_of(doc: Any) -> str:
     if not isinstance(doc, dict):
         return ""
     out: list[str] = []
-    choices = doc.get("choices")
-    if isinstance(choices, list):
-        for choice in choices:
-            if not isinstance(choice, dict):
-                continue
-            message = choice.get("message")
-            if isinstance(message, dict):
-                _content(message.get("content"), out)
-                _content(message.get("refusal"), out)
-            _content(choice.get("text"), out)
+    _choice_texts(doc.get("choices"), "message", out)
     output = doc.get("output")
     if isinstance(output, list):
         for item in output:
@@ -118,16 +109,20 @@ def delta_of(doc: Any) -> str:
     if doc.get("type") in _OUTPUT_DELTA_TYPES:
         delta = doc.get("delta")
         return delta if isinstance(delta, str) else ""
-    choices = doc.get("choices")
-    if not isinstance(choices, list):
-        return ""
     out: list[str] = []
+    _choice_texts(doc.get("choices"), "delta", out)
+    return "".join(out)
+
+
+def _choice_texts(choices: Any, part: str, out: list[str]) -> None:
+    """The text of each choice's ``message`` (whole reply) or ``delta`` (stream chunk), and ``text``."""
+    if not isinstance(choices, list):
+        return
     for choice in choices:
         if not isinstance(choice, dict):
             continue
-        delta = choice.get("delta")
-        if isinstance(delta, dict):
-            _content(delta.get("content"), out)
-            _content(delta.get("refusal"), out)
+        body = choice.get(part)
+        if isinstance(body, dict):
+            _content(body.get("content"), out)
+            _content(body.get("refusal"), out)
         _content(choice.get("text"), out)
-    return "".join(out)
