@@ -1,7 +1,9 @@
 """In-process counter store, for tests and single-process experiments; forgets on restart.
 
 Every operation runs without an ``await`` in between, so on one event loop it is atomic.
-Same semantics as the persistent stores, deadlines and expiry included.
+Same semantics as the persistent stores, deadlines and expiry included. With ``journal=True`` it
+also remembers which counters and reservations changed since ``take_changes()`` was last called:
+the SQLite store keeps its counters here and writes those changes behind (``router.stores.sqlite``).
 """
 
 from __future__ import annotations
@@ -21,20 +23,62 @@ class _Cell:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class _Held:
+class Held:
     counters: tuple[str, ...]
     amount: int
     deadline: float
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Changes:
+    """Counters and reservations as they are now, for each one changed; None where one is gone."""
+
+    cells: dict[str, tuple[int, int, float] | None]  # counter -> (used, reserved, expires_at)
+    held: dict[str, Held | None]
+
+    def __bool__(self) -> bool:
+        return bool(self.cells or self.held)
+
+
 class MemoryStore:
     name = "memory"
 
-    def __init__(self) -> None:
+    def __init__(self, *, journal: bool = False) -> None:
         self._cells: dict[str, _Cell] = {}
-        self._held: dict[str, _Held] = {}
+        self._held: dict[str, Held] = {}
         self._deadlines: list[tuple[float, str]] = []  # heap of (deadline, reservation id)
         self._expiries: list[tuple[float, str]] = []  # heap of (expires_at, counter)
+        # What changed since the last take_changes(); None when nobody asks.
+        self._changed_cells: set[str] | None = set() if journal else None
+        self._changed_held: set[str] | None = set() if journal else None
+
+    def load(self, cells: dict[str, tuple[int, int, float]], held: dict[str, Held]) -> None:
+        """Start from saved state (before the first operation; not a change)."""
+        for counter, (used, reserved, expires_at) in cells.items():
+            self._cells[counter] = _Cell(used, reserved, expires_at)
+            self._expiries.append((expires_at, counter))
+        heapq.heapify(self._expiries)
+        self._held.update(held)
+        self._deadlines.extend((h.deadline, rid) for rid, h in held.items())
+        heapq.heapify(self._deadlines)
+
+    def take_changes(self) -> Changes:
+        """What changed since the last call (needs ``journal=True``), and forget it."""
+        assert self._changed_cells is not None and self._changed_held is not None
+        cells: dict[str, tuple[int, int, float] | None] = {}
+        for counter in self._changed_cells:
+            cell = self._cells.get(counter)
+            cells[counter] = (cell.used, cell.reserved, cell.expires_at) if cell is not None else None
+        held = {rid: self._held.get(rid) for rid in self._changed_held}
+        self._changed_cells.clear()
+        self._changed_held.clear()
+        return Changes(cells, held)
+
+    def mark_changed(self, changes: Changes) -> None:
+        """Remember ``changes`` as not yet taken again (a write of them failed)."""
+        assert self._changed_cells is not None and self._changed_held is not None
+        self._changed_cells.update(changes.cells)
+        self._changed_held.update(changes.held)
 
     async def open(self) -> None:
         return None
@@ -54,14 +98,19 @@ class MemoryStore:
             cell = self._cells.get(counter)
             if cell is not None and cell.expires_at <= expires_at:
                 del self._cells[counter]
+                if self._changed_cells is not None:
+                    self._changed_cells.add(counter)
 
-    def _drop(self, rid: str) -> _Held | None:
+    def _drop(self, rid: str) -> Held | None:
         held = self._held.pop(rid, None)
         if held is not None:
             for counter in held.counters:
                 cell = self._cells.get(counter)
                 if cell is not None:
                     cell.reserved = max(0, cell.reserved - held.amount)
+            if self._changed_cells is not None and self._changed_held is not None:
+                self._changed_cells.update(held.counters)
+                self._changed_held.add(rid)
         return held
 
     def _counter(self, counter: str) -> base.Counter:
@@ -81,16 +130,23 @@ class MemoryStore:
                 cell = self._cells[ch.counter] = _Cell(0, 0, ch.expires_at)
                 heapq.heappush(self._expiries, (ch.expires_at, ch.counter))
             cell.reserved += amount
-        self._held[reservation_id] = _Held(tuple(ch.counter for ch in charges), amount, deadline)
+        held = Held(tuple(ch.counter for ch in charges), amount, deadline)
+        self._held[reservation_id] = held
         heapq.heappush(self._deadlines, (deadline, reservation_id))
+        if self._changed_cells is not None and self._changed_held is not None:
+            self._changed_cells.update(held.counters)
+            self._changed_held.add(reservation_id)
         return base.Outcome(True, before)
 
     async def settle(self, reservation_id: str, counters: Sequence[str], actual: int) -> None:
         held = self._drop(reservation_id)
-        for counter in held.counters if held is not None else counters:
+        targets = held.counters if held is not None else counters
+        for counter in targets:
             cell = self._cells.get(counter)
             if cell is not None:
                 cell.used += actual
+        if self._changed_cells is not None:
+            self._changed_cells.update(targets)
 
     async def release(self, reservation_id: str, counters: Sequence[str]) -> None:
         self._drop(reservation_id)

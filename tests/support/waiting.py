@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -22,12 +23,18 @@ def until(probe: Callable[[], T | None], *, timeout_s: float = 10.0, interval_s:
 
 
 async def until_async(
-    probe: Callable[[], T | None], *, timeout_s: float = 10.0, interval_s: float = 0.01, what: str = ""
+    probe: Callable[[], T | Awaitable[T | None] | None],
+    *,
+    timeout_s: float = 10.0,
+    interval_s: float = 0.01,
+    what: str = "",
 ) -> T:
-    """``until`` for tests on an event loop: the loop keeps running between probes."""
+    """``until`` for tests on an event loop: the loop keeps running between probes (which may be async)."""
     deadline = time.monotonic() + timeout_s
     while True:
         value = probe()
+        if inspect.isawaitable(value):
+            value = await value
         if value:
             return value
         if time.monotonic() > deadline:

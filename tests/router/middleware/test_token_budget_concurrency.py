@@ -4,7 +4,8 @@ The gated runs hold every admitted request open (its reservation in force) until
 an answer, so the store is raced as hard as it can be: exactly ``limit // worst`` may be
 admitted, and each refusal must have seen a window that really could not take it. The
 two-router runs do the same across two router processes (the second a real ``python -m router
-router`` subprocess) sharing one store.
+router`` subprocess) sharing one Redis; a SQLite file belongs to one router process, and a
+second one pointed at it refuses to start.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import sqlite3
 import subprocess
 import sys
 import time
@@ -39,7 +41,7 @@ from tests.router.middleware.budget_support import (
     window,
     write_policy,
 )
-from tests.support import servers
+from tests.support import servers, waiting
 
 MakeSettings = Callable[..., settings_mod.Settings]
 REQUESTS = 500
@@ -221,15 +223,14 @@ def write_config(tmp_path: Path, policy_dir: Path, budgets: dict[str, Any], upst
     return config
 
 
-@pytest.mark.parametrize("store", ["redis", "sqlite"])
 async def test_two_router_processes_share_one_budget(
-    store: str, request: pytest.FixtureRequest, tmp_path: Path, policy_dir: Path
+    request: pytest.FixtureRequest, tmp_path: Path, policy_dir: Path
 ) -> None:
     limit = 5_000
     write_policy(policy_dir, dailyTokens=limit)
     fake = FakeFoundry(api_key=UPSTREAM_KEY)
     with servers.serve(fake) as upstream:
-        config = write_config(tmp_path, policy_dir, store_settings(store, request, tmp_path), upstream.url)
+        config = write_config(tmp_path, policy_dir, store_settings("redis", request, tmp_path), upstream.url)
         app = build_app(settings_mod.load(config))
         bearer = devtokens.issue(app.state.kars.dev_key, SANDBOX, audience="kars-router")
         with (
@@ -252,6 +253,32 @@ async def test_two_router_processes_share_one_budget(
             assert all(r.body.endswith(b"data: [DONE]\n\n") for r in served)
 
 
+def test_a_second_router_process_on_the_same_sqlite_file_refuses_to_start(tmp_path: Path, policy_dir: Path) -> None:
+    write_policy(policy_dir, dailyTokens=5_000)
+    fake = FakeFoundry(api_key=UPSTREAM_KEY)
+    with servers.serve(fake) as upstream:
+        config = write_config(
+            tmp_path, policy_dir, {"store": "sqlite", "sqlitePath": str(tmp_path / "b.db")}, upstream.url
+        )
+        with servers.serve(build_app(settings_mod.load(config))) as first:
+            second = subprocess.run(
+                [sys.executable, "-m", "router", "router", "--config", str(config), "--port", str(servers.free_port())],
+                capture_output=True,
+                text=True,
+                timeout=ROUTER_START_TIMEOUT_S,
+            )
+            assert second.returncode != 0
+            assert "in use by another router process" in second.stdout + second.stderr
+            assert httpx.get(f"{first.url}/readyz").status_code == 200  # the owner is unaffected
+
+
+def sqlite_reserved(path: Path) -> int:
+    """Tokens reserved on the day counter, as the SQLite file holds them (read as the sqlite3 shell would)."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        row = db.execute("SELECT coalesce(sum(amount), 0) FROM reservations").fetchone()
+    return int(row[0])
+
+
 @pytest.mark.parametrize("store", ["redis", "sqlite"])
 async def test_a_killed_routers_reservations_are_swept_after_their_deadline(
     store: str, request: pytest.FixtureRequest, tmp_path: Path, policy_dir: Path
@@ -272,6 +299,9 @@ async def test_a_killed_routers_reservations_are_swept_after_their_deadline(
                     )
                     resp = await client.send(req, stream=True)
                     assert resp.status_code == 200
+                if store == "sqlite":  # written behind: wait until the file has them, then die
+                    path = Path(budget_settings["sqlitePath"])
+                    await waiting.until_async(lambda: sqlite_reserved(path) == 3 * WORST, what="reservations on disk")
                 proc.kill()  # the router dies without settling anything
                 proc.wait(10)
         fake.release()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,6 +13,7 @@ import pytest
 
 from router.stores import base, memory, sqlite
 from router.stores import redis as redis_store
+from tests.support import waiting
 
 NOW = float(int(time.time()))  # Redis expires keys by its own (real) clock
 LATER = NOW + 60
@@ -147,25 +150,72 @@ async def test_sqlite_counters_survive_reopening(tmp_path: Path) -> None:
         await s.close()
 
 
-async def test_sqlite_a_failed_write_changes_nothing_and_the_store_goes_on(tmp_path: Path) -> None:
-    s = sqlite.SqliteStore(tmp_path / "budgets.db")
+def on_disk(path: Path, counter: str) -> tuple[int, int] | None:
+    """A counter as the file holds it, read by another connection (as the sqlite3 shell would)."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        row = db.execute("SELECT used, reserved FROM counters WHERE id = ?", (counter,)).fetchone()
+    return (int(row[0]), int(row[1])) if row else None
+
+
+async def test_sqlite_changes_reach_the_file_while_the_store_runs(tmp_path: Path) -> None:
+    path = tmp_path / "budgets.db"
+    s = sqlite.SqliteStore(path)
     await s.open()
     try:
-        bad = base.Charge(["not", "text"], 100, FAR)  # type: ignore[arg-type]  # sqlite cannot bind a list
-        outs = await asyncio.gather(
-            *(reserve(s, f"ok{i}", [charge("a", 1000)], 10) for i in range(20)),
-            reserve(s, "bad", [charge("a", 1000), bad], 10),
-            *(reserve(s, f"ok{i}", [charge("a", 1000)], 10) for i in range(20, 40)),
-            return_exceptions=True,
-        )
-        assert isinstance(outs[20], base.StoreUnavailable)
-        for out in outs:  # writes batched with the bad one failed with it; none half-applied
-            assert isinstance(out, base.Outcome | base.StoreUnavailable), out
-        admitted = sum(isinstance(o, base.Outcome) and o.admitted for o in outs)
-        assert await s.read(["a"]) == [base.Counter(0, 10 * admitted)]
-        assert (await reserve(s, "after", [charge("a", 1000)], 10)).admitted
+        await reserve(s, "r1", [charge("a", 100)], 10)
+        await waiting.until_async(lambda: on_disk(path, "a") == (0, 10), what="the reservation on disk")
+        await s.settle("r1", ["a"], 7)
+        await waiting.until_async(lambda: on_disk(path, "a") == (7, 0), what="the settle on disk")
     finally:
         await s.close()
+
+
+async def test_sqlite_a_failed_write_keeps_counting_and_is_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite, "RETRY_INTERVAL_S", 0.05)
+    path = tmp_path / "budgets.db"
+    s = sqlite.SqliteStore(path)
+    await s.open()
+    try:
+        await reserve(s, "r0", [charge("a", 1000)], 10)
+        await waiting.until_async(lambda: on_disk(path, "a") == (0, 10), what="the first write")
+        with contextlib.closing(sqlite3.connect(path)) as db:  # every write to the counters now fails
+            db.execute("CREATE TRIGGER fail BEFORE UPDATE ON counters BEGIN SELECT RAISE(ABORT, 'disk on fire'); END")
+        for i in range(1, 4):
+            assert (await reserve(s, f"r{i}", [charge("a", 1000)], 10)).admitted
+        await s.settle("r0", ["a"], 4)
+        reason = await waiting.until_async(s.ping, what="the failed write reported")
+        assert "disk on fire" in reason
+        assert await s.read(["a"]) == [base.Counter(4, 30)]  # counting went on, exactly
+        assert on_disk(path, "a") == (0, 10)  # nothing half-written
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            db.execute("DROP TRIGGER fail")
+        await waiting.until_async(lambda: on_disk(path, "a") == (4, 30), what="the retried write")
+        assert await s.ping() is None
+    finally:
+        await s.close()
+    s = sqlite.SqliteStore(path)
+    await s.open()
+    try:
+        assert await s.read(["a"]) == [base.Counter(4, 30)]
+    finally:
+        await s.close()
+
+
+async def test_sqlite_one_process_owns_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "budgets.db"
+    first = sqlite.SqliteStore(path)
+    await first.open()
+    second = sqlite.SqliteStore(path)
+    try:
+        with pytest.raises(base.StoreUnavailable, match=r"in use by another router process.*redis"):
+            await second.open()
+        assert await second.ping() is not None
+    finally:
+        await first.close()
+    await second.open()  # released with the first one's close (or its death)
+    await second.close()
 
 
 async def test_sqlite_unusable_path_is_unavailable(tmp_path: Path) -> None:
