@@ -57,4 +57,5 @@ def is_loopback(scope: Scope) -> bool:
 BODY = "kars.body"  # the raw request body, once read (bytes)
 JSON = "kars.json"  # the request body parsed as JSON, once parsed
 USAGE = "kars.usage"  # router.usage.Usage, set by a transport when the upstream reports usage
+REPLY_JSON = "kars.reply_json"  # (body, parsed) of a whole JSON reply the transport parsed, for layers above
 UPSTREAM_OUTPUT = "kars.upstream_output"  # True once any upstream output reached the caller

@@ -16,13 +16,11 @@ from typing import Any
 
 import httpx
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
+from starlette.types import ASGIApp
 
-from router import budget_api, errors, ops, stores
+from router import budget_api, ops, stores
 from router.identity import devtokens, jwks, verifier
 from router.middleware import admin, body_limit, identity, jws, observe, trust_graph
 from router.middleware import content_safety as safety_mw
@@ -68,12 +66,18 @@ def _read_secret(path: Any) -> str | None:
     return value or None
 
 
-async def _http_exception(request: Request, exc: Exception) -> Response:
-    """Starlette's own 404/405 rendered in our error shape (keeps its ``Allow`` header)."""
-    assert isinstance(exc, HTTPException)
-    messages = {404: f"no route for {request.url.path}", 405: f"method {request.method} not allowed here"}
-    err = errors.for_status(exc.status_code, messages.get(exc.status_code, str(exc.detail)), headers=exc.headers)
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+class _App(Starlette):
+    """Starlette without its own two error layers (``ServerErrorMiddleware``, ``ExceptionMiddleware``).
+
+    ``ErrorMiddleware`` is the one error boundary and renders Starlette's 404/405 too; the two
+    would only wrap every request and every ``send`` twice more on the hot path.
+    """
+
+    def build_middleware_stack(self) -> ASGIApp:
+        app: ASGIApp = self.router
+        for cls, args, kwargs in reversed(self.user_middleware):
+            app = cls(app, *args, **kwargs)
+        return app
 
 
 async def _flush_every(access_log: logs.AccessLog, stop: asyncio.Event) -> None:
@@ -226,11 +230,6 @@ def build_app(settings: Settings) -> Starlette:
     hot, catch_all = runtime.foundry.routes()
     routes[:0] = hot  # /openai/..., /models/...: the hot path, matched first (no other route starts so)
     routes.extend(catch_all)  # /v1/...: after every other route (/v1/whoami, /v1/budgets)
-    app = Starlette(
-        routes=routes,
-        middleware=middleware,
-        exception_handlers={HTTPException: _http_exception},
-        lifespan=lifespan,
-    )
+    app = _App(routes=routes, middleware=middleware, lifespan=lifespan)
     app.state.kars = runtime
     return app

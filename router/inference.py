@@ -7,6 +7,7 @@ Foundry transport itself, so all of them classify a path the same way. Pure and 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Literal
 
 Action = Literal["chat", "responses", "embeddings", "image", "audio", "other"]
@@ -38,6 +39,7 @@ class InferenceRoute:
         return self.action not in ("other",)
 
 
+@functools.lru_cache(maxsize=4096)  # three layers ask per request; routes are immutable
 def classify(path: str) -> InferenceRoute | None:
     """The inference route for ``path``, or None when the path is not an inference route."""
     if path.startswith(V1_ALIAS_PREFIX):

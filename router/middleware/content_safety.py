@@ -23,6 +23,7 @@ from router.safety import guard, providers, texts, verdict
 from router.safety import judge as judge_mod
 
 CHECKED_ACTIONS = frozenset({"chat", "responses", "image"})
+MAX_KNOWN = 65_536  # cached per-caller ceilings
 
 
 class ContentSafetyMiddleware:
@@ -38,6 +39,9 @@ class ContentSafetyMiddleware:
         self._safety = safety
         self._policy = policy
         self._metrics = metrics
+        self._floor_only = verdict.effective(safety.floor, ())
+        # Ceilings by (namespace, name, action), valid for the snapshot they were worked out on. Bounded.
+        self._known: dict[tuple[str, str, str], tuple[Any, verdict.Ceilings]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":
@@ -53,7 +57,7 @@ class ContentSafetyMiddleware:
         judge = judge_mod.Judge(self._safety, ceilings, self._metrics, st.setdefault(_asgi.LOG_FIELDS, {}))
         doc = await _body.read_json(scope, receive)
         await judge.check_prompt(texts.prompt_of(route.action, doc))
-        out = guard.OutputGuard(send, judge)
+        out = guard.OutputGuard(send, judge, st)
         try:
             await self.app(scope, _body.replay(scope, receive), out.send)
         except guard.Blocked as exc:
@@ -61,11 +65,20 @@ class ContentSafetyMiddleware:
                 raise exc.error from None
 
     def _ceilings(self, st: dict[str, Any], action: str) -> verdict.Ceilings:
+        """The caller's effective ceilings: worked out once per caller, action and policy snapshot."""
         principal = st.get(_asgi.PRINCIPAL)
         if not isinstance(principal, Principal) or principal.kind != "sandbox":
-            return verdict.effective(self._safety.floor, ())
+            return self._floor_only
         snapshot = st.setdefault(_asgi.SNAPSHOT, self._policy.snapshot)
+        key = (principal.namespace, principal.name, action)
+        known = self._known.get(key)
+        if known is not None and known[0] is snapshot:
+            return known[1]
         found = snapshot.inference_policies(principal.namespace, principal.name, action)
-        return verdict.effective(
+        ceilings = verdict.effective(
             self._safety.floor, [p.spec.content_safety for p in found if p.spec.content_safety is not None]
         )
+        if len(self._known) >= MAX_KNOWN:
+            self._known.clear()
+        self._known[key] = (snapshot, ceilings)
+        return ceilings

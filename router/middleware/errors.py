@@ -1,4 +1,8 @@
-"""The outermost layer: renders every ``KarsError`` (and anything unexpected) in one place.
+"""The error boundary: renders every ``KarsError`` (and anything unexpected) in one place.
+
+Starlette's own refusals (its router's 404, a route's 405 with ``Allow``) arrive as its
+``HTTPException`` and are rendered here too, in the same shape: the app runs without Starlette's
+two error layers (``router.app``), this one is the only one.
 
 A wrapped ``send`` remembers whether the response started; an error after the first byte
 cannot be turned into a new response, so it is re-raised and the server aborts the
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import logging
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from router import errors
@@ -41,6 +46,10 @@ class ErrorMiddleware:
             if started:
                 raise
             await self._render(scope, send, exc)
+        except HTTPException as exc:
+            if started:
+                raise
+            await self._render(scope, send, _from_starlette(scope, exc))
         except Exception:
             if started:
                 raise
@@ -61,3 +70,8 @@ class ErrorMiddleware:
             await send({"type": "websocket.http.response.body", "body": body})
         else:
             await send({"type": "websocket.close", "code": 1008, "reason": exc.code})
+
+
+def _from_starlette(scope: Scope, exc: HTTPException) -> errors.KarsError:
+    messages = {404: f"no route for {scope['path']}", 405: f"method {scope.get('method')} not allowed here"}
+    return errors.for_status(exc.status_code, messages.get(exc.status_code, str(exc.detail)), headers=exc.headers)

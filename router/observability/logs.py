@@ -30,9 +30,20 @@ MAX_PENDING_LINES = 512
 _encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
 
 
+_last_second: tuple[int, str] = (-1, "")  # the last second formatted (one assignment: thread-safe)
+
+
 def iso_now(now: float | None = None) -> str:
-    stamp = dt.datetime.fromtimestamp(time.time() if now is None else now, dt.UTC)
-    return stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """``2026-11-22T21:59:17.931Z``: RFC 3339, UTC, milliseconds."""
+    global _last_second
+    if now is None:
+        now = time.time()
+    second = int(now)
+    known, text = _last_second
+    if second != known:  # one datetime a second, not one per line
+        text = dt.datetime.fromtimestamp(second, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+        _last_second = (second, text)
+    return f"{text}{int((now - second) * 1000):03d}Z"
 
 
 class AccessLog:

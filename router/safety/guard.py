@@ -23,7 +23,7 @@ from typing import Any
 
 from starlette.types import Message, Send
 
-from router import errors
+from router import _asgi, errors
 from router.safety import foundry, providers, texts, verdict
 from router.safety import judge as judge_mod
 from router.transports import _sse
@@ -118,8 +118,9 @@ def _content_type(message: Message) -> bytes:
 class OutputGuard:
     """Per request: ``send`` is what the transport gets (see the module docstring)."""
 
-    def __init__(self, send: Send, judge: judge_mod.Judge) -> None:
+    def __init__(self, send: Send, judge: judge_mod.Judge, state: dict[str, Any]) -> None:
         self._send = send
+        self._state = state
         self._judge = judge
         self._mode = "pass"
         self._start: Message | None = None  # held until the first body is checked
@@ -165,10 +166,14 @@ class OutputGuard:
             await self._release_start()
             return await self._send(message)
         body = message.get("body", b"")
-        try:
-            doc = json.loads(body)
-        except ValueError:
-            doc = None
+        parsed = self._state.get(_asgi.REPLY_JSON)
+        if parsed is not None and parsed[0] is body:  # the transport parsed this very body already
+            doc = parsed[1]
+        else:
+            try:
+                doc = json.loads(body)
+            except ValueError:
+                doc = None
         await self._check_whole(doc, texts.output_of(doc))
         await self._release_start()
         await self._send(message)

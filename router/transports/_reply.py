@@ -136,8 +136,10 @@ async def _relay_json(scope: Scope, send: Send, reply: http_mod.Response, link: 
         found = usage_mod.Usage.from_payload(doc.get("usage")) if isinstance(doc, dict) else None
         headers = _headers(reply.headers, keep_length=False)
         headers.append((b"content-length", str(len(data)).encode()))
+        st = _asgi.state(scope)
+        st[_asgi.REPLY_JSON] = (data, doc)  # the content-safety guard reads this body: no second parse
         await send({"type": "http.response.start", "status": reply.status, "headers": headers})
-        _asgi.state(scope)[_asgi.UPSTREAM_OUTPUT] = True
+        st[_asgi.UPSTREAM_OUTPUT] = True
         await send({"type": "http.response.body", "body": data})
         return found
     headers = _headers(reply.headers, keep_length=True)
