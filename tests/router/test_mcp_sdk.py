@@ -139,4 +139,4 @@ async def test_full_session(router: Any, client: str, caplog: pytest.LogCaptureF
     assert all("arguments" not in r for r in records)  # values are not logged by default
     assert next(r for r in records if r["tool"] == "echo")["argument_names"] == ["text"]
     metrics = router.app.state.kars.metrics
-    assert metrics.mcp_tool_calls.labels("team-a/tools", "secret", "deny", "denied")._value.get() == 1
+    assert metrics.mcp_tool_calls.labels("team-a/tools", "secret", "deny", "denied").value == 1
