@@ -23,7 +23,14 @@ def main(port: int) -> None:
         drop = [m.cls.__name__ for m in app.user_middleware]
     app.user_middleware = [m for m in app.user_middleware if m.cls.__name__ not in drop]
     uvicorn.run(
-        app, host="127.0.0.1", port=port, loop="uvloop", http="httptools", log_level="warning", access_log=False
+        app,
+        host="127.0.0.1",
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        log_level="warning",
+        access_log=False,
+        proxy_headers=False,  # as kars router serves it
     )
 
 

@@ -66,6 +66,9 @@ def cmd_router(args: argparse.Namespace) -> int:
         log_config=None,
         log_level=settings.log.level,
         server_header=False,
+        # The identity layer decides who the peer is (identity.trustedProxies). uvicorn's
+        # X-Forwarded-For rewriting would let a loopback caller pose as a trusted proxy.
+        proxy_headers=False,
     )
     return 0
 

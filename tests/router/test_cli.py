@@ -98,3 +98,36 @@ def test_key_file_that_is_not_ed25519(tmp_path: Path) -> None:
     bad.write_text("-----BEGIN PRIVATE KEY-----\nnope\n-----END PRIVATE KEY-----\n")
     with pytest.raises(devtokens.KeyFileError):
         devtokens.load_or_create_key(bad)
+
+
+def test_the_served_router_ignores_x_forwarded_for(tmp_path: Path) -> None:
+    """The identity layer alone decides who the peer is (``identity.trustedProxies``): uvicorn's own
+    proxy-header handling would let any loopback process claim a trusted proxy's address with
+    ``X-Forwarded-For`` and then name any principal in ``X-A2A-Agent-Subject``."""
+    port = servers.free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KARS_")}
+    env["KARS_IDENTITY_TRUSTED_PROXIES"] = "[10.0.0.0/8]"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "router", "router", "--policy-dir", str(ROOT / "examples"), "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+
+        def ready() -> bool:
+            try:
+                return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        waiting.until(ready, timeout_s=20, what="the router to be ready")
+        forged = {"X-Forwarded-For": "10.1.2.3", "X-A2A-Agent-Subject": "team-b/boss"}
+        resp = httpx.get(f"{url}/v1/whoami", headers=forged)
+        assert resp.status_code == 401, resp.text
+        assert resp.json()["error"]["code"] == "missing_credentials"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

@@ -37,6 +37,7 @@ class ServerThread(threading.Thread):
             loop="asyncio",
             http="httptools",
             lifespan="on",
+            proxy_headers=False,  # as kars router serves it (router/cli.py)
             access_log=False,
             log_level="warning",
             **config,
