@@ -1,13 +1,16 @@
 """The inference hot path: the kars router against a bare pass-through and LiteLLM, in one run.
 
-``python -m bench inference [--seconds N] [--rate R] [--no-litellm]``. Non-streaming ~1 KB chat
+``python -m bench inference [--seconds N] [--rate R] [--rounds N] [--layers] [--no-litellm]``. Non-streaming ~1 KB chat
 completions through (a) the fake upstream directly, (b) a bare pass-through on aiohttp (the
 router's client library) and, for the record, on httpx's default transport, (c) ``kars router``
 with its default stack (identity with a router token, token budget on SQLite, whatever else
 ``build_app`` wires; the table says which layers), (d) LiteLLM proxy, one worker, in its own venv
 under ``.bench/`` (created on first use). Each server runs pinned to core 0; the fake upstream
 and the load generators (wrk, and ``bench._rate`` for fixed-rate latency and time to first chunk)
-run on core 1. Everything is loopback and bounded in time.
+run on core 1. Everything is loopback and bounded in time. Every server stays up for the whole
+run, and each measurement is taken ``--rounds`` times with the servers interleaved in each round;
+the table shows medians (and, for added latency, each round's value): on this shared machine one
+run of one server says little.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import dataclasses
 import json
 import os
 import secrets
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -69,10 +73,30 @@ def request_body(*, stream: bool) -> bytes:
 class Row:
     name: str
     pid: int = 0
+    url: str = ""
+    headers: list[str] = dataclasses.field(default_factory=list)
+    stream: bool = False  # also measure time to first chunk
     cpu_us: float = 0.0  # server CPU time per request during the saturation run (robust to a busy machine)
     saturation: _load.WrkResult | None = None
-    fixed: dict[str, float] | None = None
-    ttfc: dict[str, float] | None = None
+    fixed_runs: list[dict[str, float]] = dataclasses.field(default_factory=list)  # one per round
+    ttfc_runs: list[dict[str, float]] = dataclasses.field(default_factory=list)
+
+    @property
+    def fixed(self) -> dict[str, float] | None:
+        return _median(self.fixed_runs)
+
+    @property
+    def ttfc(self) -> dict[str, float] | None:
+        return _median(self.ttfc_runs)
+
+
+def _median(runs: list[dict[str, float]]) -> dict[str, float] | None:
+    """Each percentile's median over the rounds; errors summed."""
+    if not runs:
+        return None
+    out = {k: statistics.median(r[k] for r in runs) for k in ("p50_ms", "p99_ms")}
+    out["errors"] = sum(r.get("errors", 0) for r in runs)
+    return out
 
 
 def _uvicorn(module: str, port: int) -> list[str]:
@@ -144,25 +168,41 @@ def _router_layers(env: dict[str, str], work: Path) -> list[str]:
     return out.stdout.strip().split(",")
 
 
-def measure(
-    row: Row, url: str, lua: Path, body: Path, stream_body: Path | None, headers: list[str], args: argparse.Namespace
-) -> None:
-    before = cpu_seconds(row.pid) if row.pid else 0.0
-    row.saturation = _load.wrk(url, seconds=args.seconds, headers=headers, script=lua)
-    if row.pid:
-        row.cpu_us = (cpu_seconds(row.pid) - before) / (row.saturation.requests_per_s * args.seconds) * 1e6
-    if row.saturation.requests_per_s < args.rate * 1.2:
-        row.fixed = None  # cannot hold the rate: its queue would grow for the whole run
-    else:
-        row.fixed = _rate("fixed", url, body, headers, args)
-    if stream_body is not None:
-        row.ttfc = _rate("ttfc", url, stream_body, headers, args)
+def saturate(rows: list[Row], lua: Path, args: argparse.Namespace) -> None:
+    """Requests/s under wrk (32 connections) and each server's CPU per request meanwhile: the median
+    of ``--rounds`` runs, the rows interleaved in each round (this machine's speed drifts)."""
+    runs: dict[str, list[tuple[_load.WrkResult, float]]] = {row.name: [] for row in rows}
+    for _ in range(args.rounds):
+        for row in rows:
+            before = cpu_seconds(row.pid) if row.pid else 0.0
+            result = _load.wrk(row.url, seconds=args.seconds, headers=row.headers, script=lua)
+            cpu_us = 0.0
+            if row.pid:
+                cpu_us = (cpu_seconds(row.pid) - before) / (max(result.requests_per_s, 1e-9) * args.seconds) * 1e6
+            runs[row.name].append((result, cpu_us))
+    for row in rows:
+        by_rate = sorted(runs[row.name], key=lambda r: r[0].requests_per_s)
+        row.saturation = by_rate[len(by_rate) // 2][0]  # the median run, whole (its latency and failures)
+        row.cpu_us = statistics.median(cpu for _, cpu in runs[row.name])
+
+
+def latency_rounds(rows: list[Row], body: Path, stream_body: Path, args: argparse.Namespace) -> None:
+    """Fixed-rate latency and time to first chunk, ``--rounds`` times, the rows interleaved in each
+    round: this machine's speed drifts over minutes, so each round compares the rows at one time
+    (a row that cannot hold the rate is left out: its queue would grow for the whole run)."""
+    for _ in range(args.rounds):
+        for row in rows:
+            if row.saturation is not None and row.saturation.requests_per_s >= args.rate * 1.2:
+                row.fixed_runs.append(_rate("fixed", row.url, body, row.headers, args))
+            if row.stream:
+                row.ttfc_runs.append(_rate("ttfc", row.url, stream_body, row.headers, args))
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench inference")
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--rate", type=float, default=500)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every measurement (medians)")
     parser.add_argument("--ttfc-count", type=int, default=200)
     parser.add_argument("--no-litellm", action="store_true")
     parser.add_argument("--layers", action="store_true", help="also price each router layer (c0, c1, c2)")
@@ -170,7 +210,7 @@ def main(argv: list[str]) -> int:
     rows: list[Row] = []
     layers: list[str] = []
     load_before = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as servers:
         work = Path(tmp)
         body, stream_body = work / "body.json", work / "stream.json"
         body.write_bytes(request_body(stream=False))
@@ -181,101 +221,97 @@ def main(argv: list[str]) -> int:
         up_port = _load.free_port()
         upstream = f"http://127.0.0.1:{up_port}"
         env = {"PYTHONPATH": str(_load.ROOT)}
-        with _server(_load.LOAD_CORE, _uvicorn("bench._upstream:app", up_port), upstream + "/", env, _load.ROOT):
-            row = Row("(a) direct to the fake upstream")
-            measure(row, upstream + AZURE_PATH, lua, body, stream_body, [], args)
-            rows.append(row)
+        servers.enter_context(
+            _server(_load.LOAD_CORE, _uvicorn("bench._upstream:app", up_port), upstream + "/", env, _load.ROOT)
+        )
+        rows.append(Row("(a) direct to the fake upstream", 0, upstream + AZURE_PATH, stream=True))
 
-            for client, label in (
-                ("aiohttp", "(b) bare pass-through, aiohttp"),
-                ("httpx", "(b') bare pass-through, httpx"),
-            ):
-                port = _load.free_port()
-                penv = {**env, "BENCH_UPSTREAM": upstream, "BENCH_CLIENT": client}
-                url = f"http://127.0.0.1:{port}"
-                with _server(
-                    _load.SERVER_CORE, _uvicorn("bench._passthrough:app", port), url + "/", penv, _load.ROOT
-                ) as pid:
-                    row = Row(label, pid)
-                    measure(row, url + AZURE_PATH, lua, body, stream_body if client == "aiohttp" else None, [], args)
-                    rows.append(row)
-
-            (work / "policy").mkdir()
-            (work / "policy" / "bench.yaml").write_text(POLICY)
-            (work / "foundry-key").write_text("bench-key")
-            renv = {
-                "KARS_FOUNDRY_ENDPOINT": upstream,
-                "KARS_FOUNDRY_API_KEY_FILE": str(work / "foundry-key"),
-                "KARS_BUDGETS_SQLITE_PATH": str(work / "budgets.db"),
-            }
-            layers = _router_layers(renv, work)
-            token = subprocess.run(
-                [sys.executable, "-m", "router", "token", "issue", "--sandbox", SANDBOX, "--ttl", "1h"],
-                cwd=work,
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout.strip()
+        # Every server stays up (idle when not measured) so the latency rounds can interleave them.
+        for client, label in (
+            ("aiohttp", "(b) bare pass-through, aiohttp"),
+            ("httpx", "(b') bare pass-through, httpx"),
+        ):
             port = _load.free_port()
-            rargv = [
-                sys.executable,
-                "-m",
-                "router",
-                "router",
-                "--policy-dir",
-                str(work / "policy"),
-                "--port",
-                str(port),
-            ]
+            penv = {**env, "BENCH_UPSTREAM": upstream, "BENCH_CLIENT": client}
             url = f"http://127.0.0.1:{port}"
-            with _server(_load.SERVER_CORE, rargv, url + "/healthz", renv, work) as pid:
-                row = Row("(c) kars router", pid)
-                measure(row, url + AZURE_PATH, lua, body, stream_body, [f"Authorization: Bearer {token}"], args)
-                rows.append(row)
-            if args.layers:
-                # The same router with layers left out: what each one costs (server CPU per request).
-                for drop, label in LAYER_VARIANTS:
-                    port = _load.free_port()
-                    vargv = [sys.executable, "-m", "bench._router_variant", str(port)]
-                    venv = {**renv, "BENCH_DROP": drop, "KARS_POLICY_DIR": str(work / "policy"), **env}
-                    url = f"http://127.0.0.1:{port}"
-                    with _server(_load.SERVER_CORE, vargv, url + "/healthz", venv, work) as pid:
-                        row = Row(label, pid)
-                        measure(row, url + AZURE_PATH, lua, body, None, [f"Authorization: Bearer {token}"], args)
-                        rows.append(row)
+            pid = servers.enter_context(
+                _server(_load.SERVER_CORE, _uvicorn("bench._passthrough:app", port), url + "/", penv, _load.ROOT)
+            )
+            rows.append(Row(label, pid, url + AZURE_PATH, stream=client == "aiohttp"))
 
-            exe = None if args.no_litellm else _ensure_litellm()
-            if exe is not None:
-                cfg = work / "litellm.yaml"
-                cfg.write_text(
-                    "model_list:\n  - model_name: gpt-4o\n    litellm_params:\n      model: azure/gpt-4o\n"
-                    f"      api_base: {upstream}\n      api_key: bench-key\n      api_version: '2024-10-21'\n"
-                )
+        (work / "policy").mkdir()
+        (work / "policy" / "bench.yaml").write_text(POLICY)
+        (work / "foundry-key").write_text("bench-key")
+        renv = {
+            "KARS_FOUNDRY_ENDPOINT": upstream,
+            "KARS_FOUNDRY_API_KEY_FILE": str(work / "foundry-key"),
+            "KARS_BUDGETS_SQLITE_PATH": str(work / "budgets.db"),
+        }
+        layers = _router_layers(renv, work)
+        token = subprocess.run(
+            [sys.executable, "-m", "router", "token", "issue", "--sandbox", SANDBOX, "--ttl", "1h"],
+            cwd=work,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        auth = [f"Authorization: Bearer {token}"]
+        port = _load.free_port()
+        rargv = [sys.executable, "-m", "router", "router", "--policy-dir", str(work / "policy"), "--port", str(port)]
+        url = f"http://127.0.0.1:{port}"
+        pid = servers.enter_context(_server(_load.SERVER_CORE, rargv, url + "/healthz", renv, work))
+        rows.append(Row("(c) kars router", pid, url + AZURE_PATH, auth, stream=True))
+        if args.layers:
+            # The same router with layers left out: what each one costs.
+            for i, (drop, label) in enumerate(LAYER_VARIANTS):
                 port = _load.free_port()
-                master = "sk-bench-" + secrets.token_hex(16)  # LiteLLM refuses to start without one
-                lenv = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False"}
-                lenv["LITELLM_MASTER_KEY"] = master
-                _load.READY_TIMEOUT_S = max(_load.READY_TIMEOUT_S, LITELLM_START_S)  # its imports are slow
-                largv = [str(exe), "--config", str(cfg), "--port", str(port), "--num_workers", "1"]
+                vargv = [sys.executable, "-m", "bench._router_variant", str(port)]
+                venv = {**renv, "BENCH_DROP": drop, "KARS_POLICY_DIR": str(work / "policy"), **env}
+                venv["KARS_BUDGETS_SQLITE_PATH"] = str(work / f"budgets-{i}.db")  # one owner per file
                 url = f"http://127.0.0.1:{port}"
-                with _server(_load.SERVER_CORE, largv, url + "/health/liveliness", lenv, work) as pid:
-                    row = Row("(d) LiteLLM proxy", pid)
-                    measure(
-                        row,
-                        url + "/chat/completions",
-                        lua,
-                        body,
-                        stream_body,
-                        [f"Authorization: Bearer {master}"],
-                        args,
-                    )
-                    rows.append(row)
+                pid = servers.enter_context(_server(_load.SERVER_CORE, vargv, url + "/healthz", venv, work))
+                rows.append(Row(label, pid, url + AZURE_PATH, auth))
+
+        saturate(rows, lua, args)
+        latency_rounds(rows, body, stream_body, args)
+
+        exe = None if args.no_litellm else _ensure_litellm()
+        if exe is not None:
+            cfg = work / "litellm.yaml"
+            cfg.write_text(
+                "model_list:\n  - model_name: gpt-4o\n    litellm_params:\n      model: azure/gpt-4o\n"
+                f"      api_base: {upstream}\n      api_key: bench-key\n      api_version: '2024-10-21'\n"
+            )
+            port = _load.free_port()
+            master = "sk-bench-" + secrets.token_hex(16)  # LiteLLM refuses to start without one
+            lenv = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False"}
+            lenv["LITELLM_MASTER_KEY"] = master
+            _load.READY_TIMEOUT_S = max(_load.READY_TIMEOUT_S, LITELLM_START_S)  # its imports are slow
+            largv = [str(exe), "--config", str(cfg), "--port", str(port), "--num_workers", "1"]
+            url = f"http://127.0.0.1:{port}"
+            with _server(_load.SERVER_CORE, largv, url + "/health/liveliness", lenv, work) as pid:
+                row = Row("(d) LiteLLM proxy", pid, url + "/chat/completions", [f"Authorization: Bearer {master}"])
+                row.stream = True
+                saturate([row], lua, args)
+                latency_rounds([row], body, stream_body, args)
+                rows.append(row)
 
     print(report(rows, layers, args))
     print(
         f"\nload average (1 min) before / after: {load_before:.2f} / {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores"
     )
     return 0
+
+
+def _added(row: Row, direct: Row, key: str) -> str:
+    """Median of the per-round differences to (a), and each round's: ``0.71 (0.65, 0.71, 0.90)``."""
+    runs = row.fixed_runs if key == "fixed" else row.ttfc_runs
+    base = direct.fixed_runs if key == "fixed" else direct.ttfc_runs
+    if not runs or len(runs) != len(base):
+        return "-"
+    diffs = [r["p50_ms"] - d["p50_ms"] for r, d in zip(runs, base, strict=True)]
+    each = ", ".join(f"{x:.2f}" for x in diffs)
+    return f"{statistics.median(diffs):.2f}" + (f" ({each})" if len(diffs) > 1 else "")
 
 
 def report(rows: list[Row], layers: list[str], args: argparse.Namespace) -> str:
@@ -285,25 +321,26 @@ def report(rows: list[Row], layers: list[str], args: argparse.Namespace) -> str:
     lines = [
         f"kars router middleware (outermost first): {', '.join(layers)}",
         "",
-        f"| what | requests/s (32 conns) | vs (b) | p50 / p99 ms at {args.rate:.0f} req/s | added p50 ms | "
-        "first chunk p50 / p99 ms | added first-chunk p50 ms | server CPU us/request | failures |",
+        f"| what | requests/s (32 conns) | vs (b) | p50 / p99 ms at {args.rate:.0f} req/s | added p50 ms (rounds) | "
+        "first chunk p50 / p99 ms | added first-chunk p50 ms (rounds) | server CPU us/request | failures |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         s, f, t = r.saturation, r.fixed, r.ttfc
-        assert s is not None and direct.fixed is not None and base is not None
+        assert s is not None and base is not None
         fixed = f"{f['p50_ms']:.2f} / {f['p99_ms']:.2f}" if f else f"cannot hold {args.rate:.0f} req/s"
-        added = f"{f['p50_ms'] - direct.fixed['p50_ms']:.2f}" if f else "-"
         ttfc = f"{t['p50_ms']:.2f} / {t['p99_ms']:.2f}" if t else "-"
-        added_ttfc = f"{t['p50_ms'] - direct.ttfc['p50_ms']:.2f}" if t and direct.ttfc else "-"
         fails = s.non_2xx + s.errors + int(f["errors"] if f else 0) + int(t["errors"] if t else 0)
         lines.append(
             f"| {r.name} | {s.requests_per_s:,.0f} | {s.requests_per_s / base.requests_per_s:.2f}x | "
-            f"{fixed} | {added} | {ttfc} | {added_ttfc} | "
+            f"{fixed} | {_added(r, direct, 'fixed')} | {ttfc} | {_added(r, direct, 'ttfc')} | "
             f"{f'{r.cpu_us:.0f}' if r.pid else '-'} | {fails} |"
         )
     if "(c)" in by and "(d)" in by:
         c, d = by["(c)"].saturation, by["(d)"].saturation
         assert c is not None and d is not None
         lines.append(f"\n(c) / (d) requests/s: {c.requests_per_s / d.requests_per_s:.1f}x")
+    lines.append(
+        f"\nEach cell: the median of {args.rounds} interleaved rounds; added = the row minus (a) in the same round."
+    )
     return "\n".join(lines)
