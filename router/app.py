@@ -33,6 +33,7 @@ from router.safety import providers as safety_providers
 from router.settings import Settings
 from router.transports import a2a, foundry, mesh
 from router.transports import mcp as mcp_transport
+from router.transports.mcp import audit as mcp_audit
 from router.upstream import credentials
 from router.upstream import http as upstream_http
 
@@ -56,7 +57,8 @@ class Runtime:
     mesh: mesh.MeshHub | None = None
     a2a: a2a.A2ATransport | None = None
     foundry: foundry.FoundryTransport | None = None
-    access_log: logs.AccessLog | None = None
+    access_log: logs.JsonLines | None = None
+    audit_log: logs.JsonLines | None = None
 
 
 def _read_secret(path: Any) -> str | None:
@@ -80,17 +82,19 @@ class _App(Starlette):
         return app
 
 
-async def _flush_every(access_log: logs.AccessLog, stop: asyncio.Event) -> None:
+async def _flush_every(lines: list[logs.JsonLines], stop: asyncio.Event) -> None:
     """Flush buffered access lines of an idle router (busy ones flush as they write)."""
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=logs.FLUSH_INTERVAL_S)
-        access_log.flush()
+        for log in lines:
+            log.flush()
 
 
 def build_app(settings: Settings) -> Starlette:
     metrics = metrics_mod.Metrics()
-    access_log = logs.AccessLog(sys.stdout if settings.log.access else None)
+    access_log = logs.JsonLines(sys.stdout if settings.log.access else None)
+    audit_log = logs.JsonLines(sys.stderr, logger=mcp_audit.LOGGER, msg="tools/call")
     policy = store_mod.PolicyStore(
         settings.policy.dir,
         settings.safety.floor,
@@ -116,7 +120,7 @@ def build_app(settings: Settings) -> Starlette:
     )
     operations = ops.Ops(metrics, policy)
     runtime = Runtime(settings, metrics, policy, token_verifier, dev_key, http, operations)
-    mcp_gateway = runtime.mcp = mcp_transport.Gateway(settings.mcp, policy, metrics)
+    mcp_gateway = runtime.mcp = mcp_transport.Gateway(settings.mcp, policy, metrics, audit_log)
     budget_store = runtime.budget_store = stores.create(settings.budgets)
     budget_routes = budget_api.BudgetApi(budget_store, policy)
     operations.ready_checks["budget store reachable"] = budget_routes.ready
@@ -143,6 +147,7 @@ def build_app(settings: Settings) -> Starlette:
         client=foundry_client, broker=foundry_broker, policy=policy, metrics=metrics
     )
     runtime.access_log = access_log
+    runtime.audit_log = audit_log
 
     routes: list[BaseRoute] = [
         Route("/healthz", operations.healthz, methods=["GET"]),
@@ -189,13 +194,14 @@ def build_app(settings: Settings) -> Starlette:
             watcher = None
             if settings.policy.watch and settings.policy.dir is not None:
                 watcher = asyncio.create_task(policy.watch(stop), name="kars-policy-watch")
-            flusher = asyncio.create_task(_flush_every(access_log, stop), name="kars-access-log-flush")
+            flusher = asyncio.create_task(_flush_every([access_log, audit_log], stop), name="kars-access-log-flush")
             try:
                 yield
             finally:
                 stop.set()
                 await asyncio.gather(flusher, return_exceptions=True)
                 access_log.flush()
+                audit_log.flush()
                 if watcher is not None:
                     await asyncio.gather(watcher, return_exceptions=True)
 

@@ -27,7 +27,7 @@ class ObserveMiddleware:
         app: ASGIApp,
         *,
         metrics: metrics_mod.Metrics,
-        access_log: logs.AccessLog,
+        access_log: logs.JsonLines,
         route_names: Mapping[Callable[..., Any], str] | Callable[[], Mapping[Any, str]],
     ) -> None:
         self.app = app

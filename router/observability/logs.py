@@ -1,7 +1,7 @@
-"""JSON log lines: one object per line on stderr, access lines on stdout.
+"""JSON log lines: one object per line on stderr (audit records too), access lines on stdout.
 
-Access lines bypass the ``logging`` machinery: at one line per request it cost ~20 us a line
-(record, formatter, a flush per line), a fifth of a request's budget. ``AccessLog`` keeps the
+Access lines and MCP audit records bypass the ``logging`` machinery: at one line per request it
+cost ~20 us a line (record, formatter, a flush per line), a fifth of a request's budget. ``JsonLines`` keeps the
 lines in its own buffer and writes them in one call at most every ``FLUSH_INTERVAL_S`` (or
 every ``MAX_PENDING_LINES``; and on a ticker from the app's lifespan, so an idle router's last
 lines still appear). The buffer is its own, not the stream's: with ``PYTHONUNBUFFERED=1``, which
@@ -46,11 +46,16 @@ def iso_now(now: float | None = None) -> str:
     return f"{text}{int((now - second) * 1000):03d}Z"
 
 
-class AccessLog:
-    """One JSON line per request, on a buffered stream (stdout by default)."""
+class JsonLines:
+    """One JSON line per event (a request's access line, a tool call's audit record), buffered.
 
-    def __init__(self, stream: TextIO | None) -> None:
+    The lines have the shape of the ``kars`` loggers' (``ts``, ``level``, ``logger``, ``msg``, then
+    the fields), so one log pipeline reads both.
+    """
+
+    def __init__(self, stream: TextIO | None, *, logger: str = ACCESS_LOGGER, msg: str = "request") -> None:
         self.stream = stream
+        self._head = f'","level":"info","logger":"{logger}","msg":"{msg}"'
         self._lines: list[str] = []
         self._flushed_at = time.monotonic()
 
@@ -61,7 +66,7 @@ class AccessLog:
     def emit(self, fields: Mapping[str, Any]) -> None:
         if self.stream is None:
             return
-        head = f'{{"ts":"{iso_now()}","level":"info","logger":"{ACCESS_LOGGER}","msg":"request"'
+        head = '{"ts":"' + iso_now() + self._head
         body = _encode(fields)
         lines = self._lines
         lines.append(head + ("," + body[1:] if len(body) > 2 else "}") + "\n")

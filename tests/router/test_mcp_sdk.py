@@ -9,7 +9,8 @@ from the McpServer's secret), and session end.
 from __future__ import annotations
 
 import asyncio
-import logging
+import io
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import pytest
 from mcp.shared.exceptions import MCPError
 
 from tests.router import mcp_support as ms
-from tests.support import servers
+from tests.support import servers, waiting
 
 CLIENTS = ["streamable", "sse"]
 UPSTREAMS = ["streamable-http", "sse"]
@@ -62,8 +63,9 @@ async def wait_sessions(router: Any, count: int) -> None:
 
 
 @pytest.mark.parametrize("client", CLIENTS)
-async def test_full_session(router: Any, client: str, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="kars.audit")
+async def test_full_session(router: Any, client: str) -> None:
+    audit = io.StringIO()
+    router.app.state.kars.audit_log.stream = audit  # the audit lines are written here from now on
     progress: list[tuple[float, float | None, str | None]] = []
     asked: list[str] = []
 
@@ -129,7 +131,10 @@ async def test_full_session(router: Any, client: str, caplog: pytest.LogCaptureF
         assert len(router.app.state.kars.mcp.table) == 1
     await wait_sessions(router, 0)  # DELETE (streamable) or the SSE stream closing ends it
 
-    records = [r.fields for r in caplog.records if r.name == "kars.audit"]  # type: ignore[attr-defined]
+    # Buffered, written at most 250 ms later: wait for the three calls' records.
+    await waiting.until_async(lambda: audit.getvalue().count("\n") >= 3, what="the audit records")
+    records = [json.loads(line) for line in audit.getvalue().splitlines()]
+    assert all(r["logger"] == "kars.audit" and r["msg"] == "tools/call" for r in records)
     assert {(r["tool"], r["decision"], r["outcome"]) for r in records} >= {
         ("echo", "allow", "ok"),
         ("secret", "deny", "denied"),

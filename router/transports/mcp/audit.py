@@ -1,24 +1,26 @@
 """The audit record and metrics of each MCP ``tools/call`` (SPEC.md §4).
 
-One JSON record per call on the ``kars.audit`` logger: principal, server, tool, decision,
-deciding policy, latency and outcome. Argument names are logged, their values only when
+One JSON line per call, logger ``kars.audit`` (on stderr with the router's other log lines,
+buffered: ``router.observability.logs.JsonLines``): principal, server, tool, decision, deciding
+policy, latency and outcome. Argument names are logged, their values only when
 ``mcp.auditArguments`` is on (they may hold personal or secret data).
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any
 
+from router.observability import logs
 from router.observability import metrics as metrics_mod
 
-log = logging.getLogger("kars.audit")
+LOGGER = "kars.audit"
 
 
 class Auditor:
-    def __init__(self, metrics: metrics_mod.Metrics, *, with_arguments: bool) -> None:
+    def __init__(self, metrics: metrics_mod.Metrics, lines: logs.JsonLines, *, with_arguments: bool) -> None:
         self._metrics = metrics
+        self._lines = lines
         self._with_arguments = with_arguments
 
     def tool_call(
@@ -52,4 +54,4 @@ class Auditor:
         }
         if self._with_arguments:
             record["arguments"] = arguments
-        log.info("tools/call", extra={"fields": record})
+        self._lines.emit(record)

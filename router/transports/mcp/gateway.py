@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from router import errors
+from router.observability import logs
 from router.observability import metrics as metrics_mod
 from router.policy import store as store_mod
 from router.settings import McpSettings
@@ -31,7 +32,13 @@ SHUTDOWN_S = 5.0  # how long app shutdown waits for upstream sessions to be ende
 
 
 class Gateway:
-    def __init__(self, settings: McpSettings, store: store_mod.PolicyStore, metrics: metrics_mod.Metrics) -> None:
+    def __init__(
+        self,
+        settings: McpSettings,
+        store: store_mod.PolicyStore,
+        metrics: metrics_mod.Metrics,
+        audit_log: logs.JsonLines,
+    ) -> None:
         self.settings = settings
         self._store = store
         self._metrics = metrics
@@ -42,7 +49,7 @@ class Gateway:
             max_per_principal=settings.max_sessions_per_principal, idle_timeout_s=settings.session_idle_timeout_s
         )
         self.limiters = policy.Limiters()
-        self._auditor = audit.Auditor(metrics, with_arguments=settings.audit_arguments)
+        self._auditor = audit.Auditor(metrics, audit_log, with_arguments=settings.audit_arguments)
         self._origins = (*admission.LOOPBACK_ORIGINS, *settings.allowed_origins)
         self._reaper: asyncio.Task[None] | None = None
 
