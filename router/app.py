@@ -149,7 +149,10 @@ def build_app(settings: Settings) -> Starlette:
     runtime.access_log = access_log
     runtime.audit_log = audit_log
 
+    # Starlette tries routes in order: the busiest first (inference, then MCP), probes and ops last.
     routes: list[BaseRoute] = [
+        *mcp_transport.routes(mcp_gateway),
+        *a2a_transport.routes(),
         Route("/healthz", operations.healthz, methods=["GET"]),
         Route("/readyz", operations.readyz, methods=["GET"]),
         Route("/metrics", operations.metrics_endpoint, methods=["GET"]),
@@ -157,9 +160,7 @@ def build_app(settings: Settings) -> Starlette:
         Route("/v1/whoami", operations.whoami, methods=["GET"]),
         Route("/v1/budgets", budget_routes.budgets, methods=["GET"]),
         WebSocketRoute("/mesh/{ns}/{name}", mesh_hub),
-        *a2a_transport.routes(),
     ]
-    routes.extend(mcp_transport.routes(mcp_gateway))
     route_names: dict[Callable[..., Any], str] = {}
 
     def names() -> dict[Callable[..., Any], str]:
