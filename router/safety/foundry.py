@@ -25,7 +25,7 @@ def _results(results: Any, out: list[verdict.Finding], *, only_filtered: bool = 
         entry = results.get(category)
         if isinstance(entry, dict) and (entry.get("filtered") is True or not only_filtered):
             rank = verdict.RANK.get(str(entry.get("severity", "")).lower())
-            if rank is not None:
+            if rank:  # "safe" (rank 0) is under every ceiling: no finding
                 out.append(verdict.Finding(category, PROVIDER, rank))
     for category in _ATTACKS:
         entry = results.get(category)

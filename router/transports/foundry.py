@@ -19,6 +19,7 @@ without ``model``) goes to the primary. Retries happen before any byte reached t
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from typing import Any
@@ -254,13 +255,18 @@ class _Entry:
         await self._app(scope, receive, send)
 
 
+@functools.lru_cache(maxsize=4096)
+def _quoted(path: str) -> str:
+    return quote(path)
+
+
 def _target(
     route: inference.InferenceRoute, deployment: str | None, named: str | None, doc: Any, body: bytes
 ) -> tuple[str, bytes]:
     """The upstream path and body for one attempt at ``deployment``."""
     path = route.upstream_path
     if deployment is None or deployment == named:
-        return quote(path), body
+        return _quoted(path), body
     if route.deployment is not None:
         endpoint = path[len(DEPLOYMENTS_PREFIX) :].partition("/")[2]
         return quote(f"{DEPLOYMENTS_PREFIX}{deployment}/{endpoint}"), body
