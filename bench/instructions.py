@@ -13,7 +13,9 @@ CPU column, not instead of it.
 Servers: ``bare`` (the aiohttp pass-through, ``bench._passthrough``), ``router`` (``kars router`` as
 shipped, the ``inference`` bench's policy: token budget on SQLite, local safety floor, access log),
 and ``drop:Name,Name`` (the router without those middleware classes, ``bench._router_variant``;
-``drop:ALL`` leaves the Starlette app and the transport alone).
+``drop:ALL`` leaves the Starlette app and the transport alone). ``mcp``: ``kars router`` in front of
+the ``mcp`` bench's upstream (a real ``mcp`` SDK server, Streamable HTTP, an ``echo`` tool), one
+session sending ``tools/call`` after ``tools/call`` (the count is per call).
 """
 
 from __future__ import annotations
@@ -29,16 +31,31 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from bench import _load, inference
+from bench import _load, _mcp_client, inference
+from bench import mcp as mcp_bench
 
 IN_FLIGHT = 8
+MCP_SANDBOX = "default/dev"  # the caller the mcp bench's policy admits
 WARMUP_REQUESTS = 160
 VALGRIND_READY_S = 180.0  # a Python server starts ~20x slower under valgrind
 
 
 def _server_argv(variant: str, port: int, policy_dir: Path) -> tuple[list[str], str, dict[str, str]]:
     py = sys.executable
+    if variant == "mcp":
+        argv = [
+            py,
+            "-m",
+            "router",
+            "router",
+            "--port",
+            str(port),
+            "--policy-dir",
+            str(policy_dir.parent / "mcp-policy"),
+        ]
+        return argv, "/healthz", {"KARS_BUDGETS_STORE": "memory", "KARS_LOG_ACCESS": "false"}
     if variant == "bare":
         argv = [py, "-m", "uvicorn", "bench._passthrough:app", "--port", str(port), "--loop", "uvloop"]
         argv += ["--http", "httptools", "--no-access-log", "--log-level", "warning"]
@@ -67,6 +84,26 @@ async def _drive(url: str, token: str, body: bytes, pid: int, requests: int) -> 
         await _callgrind(pid, "--instr=on")
         await asyncio.gather(*(worker(requests // IN_FLIGHT) for _ in range(IN_FLIGHT)))
         await _callgrind(pid, "--instr=off")
+
+
+async def _drive_mcp(url: str, token: str, pid: int, calls: int) -> None:
+    async with aiohttp_session() as http:
+        client = _mcp_client._Streamable(http, url, {"authorization": f"Bearer {token}"})
+        await client.open()
+        for rid in range(1, WARMUP_REQUESTS):
+            await client.call(rid)
+        await _callgrind(pid, "--instr=on")
+        for rid in range(WARMUP_REQUESTS, WARMUP_REQUESTS + calls):
+            if not await client.call(rid):
+                raise RuntimeError(f"tools/call {rid} failed")
+        await _callgrind(pid, "--instr=off")
+        await client.close()
+
+
+def aiohttp_session() -> Any:
+    import aiohttp
+
+    return aiohttp.ClientSession()
 
 
 async def _callgrind(pid: int, switch: str) -> None:
@@ -99,7 +136,11 @@ def measure(variant: str, work: Path, env: dict[str, str], token: str, requests:
         _ready_timeout(VALGRIND_READY_S),
         _load.process(server, ready_url=url + ready, env={**env, **extra}, cwd=work) as proc,
     ):
-        asyncio.run(_drive(url + inference.AZURE_PATH, token, inference.request_body(stream=False), proc.pid, requests))
+        if variant == "mcp":
+            asyncio.run(_drive_mcp(url + "/mcp/echo", token, proc.pid, requests))
+        else:
+            body = inference.request_body(stream=False)
+            asyncio.run(_drive(url + inference.AZURE_PATH, token, body, proc.pid, requests))
     # callgrind writes its totals when the process exits (the context manager stopped it).
     totals = re.search(r"^totals:\s+(\d+)", out.read_text(), re.MULTILINE)
     if totals is None:
@@ -131,19 +172,29 @@ def main(argv: list[str]) -> int:
             "KARS_POLICY_DIR": str(work / "policy"),
             "KARS_BUDGETS_SQLITE_PATH": str(work / "budgets.db"),
         }
-        token = subprocess.run(
-            [sys.executable, "-m", "router", "token", "issue", "--sandbox", inference.SANDBOX, "--ttl", "1h"],
-            cwd=work,
-            env={**os.environ, **env},
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        tokens = {
+            sandbox: subprocess.run(
+                [sys.executable, "-m", "router", "token", "issue", "--sandbox", sandbox, "--ttl", "1h"],
+                cwd=work,
+                env={**os.environ, **env},
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+            for sandbox in (inference.SANDBOX, MCP_SANDBOX)
+        }
         up_argv = [sys.executable, "-m", "uvicorn", "bench._upstream:app", "--port", str(up_port), "--loop", "uvloop"]
         up_argv += ["--http", "httptools", "--no-access-log", "--log-level", "warning"]
         results: list[tuple[str, int]] = []
-        with _load.process(_load.pinned(_load.LOAD_CORE, up_argv), ready_url=upstream + "/", env=env, cwd=_load.ROOT):
+        mcp_argv, mcp_base, mcp_url = mcp_bench._upstream("streamable", work)
+        (work / "mcp-policy").mkdir()
+        (work / "mcp-policy" / "mcp.yaml").write_text(mcp_bench.POLICY.format(url=mcp_url, transport="streamable-http"))
+        with (
+            _load.process(_load.pinned(_load.LOAD_CORE, up_argv), ready_url=upstream + "/", env=env, cwd=_load.ROOT),
+            _load.process(mcp_argv, ready_url=f"{mcp_base}/ready-probe", env=env, cwd=work),
+        ):
             for variant in args.variants:
+                token = tokens[MCP_SANDBOX if variant == "mcp" else inference.SANDBOX]
                 results.append((variant, measure(variant, work, env, token, args.requests)))
                 print(f"{variant}: {results[-1][1]:,} instructions/request", file=sys.stderr, flush=True)
     base = dict(results).get("bare")
