@@ -12,6 +12,7 @@ finds its bucket by bisection. The API is the subset the router uses: ``labels(.
 
 from __future__ import annotations
 
+import abc
 import bisect
 import math
 from collections.abc import Iterator, Sequence
@@ -66,9 +67,10 @@ class HistogramValue:
 
 
 V = TypeVar("V", CounterValue, GaugeValue, HistogramValue)
+S = TypeVar("S", CounterValue, GaugeValue)
 
 
-class _Family(Generic[V]):
+class _Family(abc.ABC, Generic[V]):
     """One metric with its label names; a child value per label values (the unlabelled one is ``()``)."""
 
     def __init__(
@@ -80,8 +82,9 @@ class _Family(Generic[V]):
         self._children: dict[tuple[str, ...], V] = {}
         registry.register(self)
 
+    @abc.abstractmethod
     def _new(self) -> V:
-        raise NotImplementedError
+        """A new child value."""
 
     def labels(self, *values: str) -> V:
         child = self._children.get(values)
@@ -91,8 +94,9 @@ class _Family(Generic[V]):
             child = self._children[tuple(str(v) for v in values)] = self._new()
         return child
 
+    @abc.abstractmethod
     def _family(self) -> Metric:
-        raise NotImplementedError
+        """The samples, in prometheus_client's form."""
 
     def describe(self) -> list[Metric]:
         return [self._family()]
@@ -101,21 +105,31 @@ class _Family(Generic[V]):
         yield self._family()
 
 
-class Counter(_Family[CounterValue]):
+class _Scalar(_Family[S]):
+    """A family whose children hold one value each (counters, gauges)."""
+
+    rendered_as: type[CounterMetricFamily] | type[GaugeMetricFamily]
+
+    def _family(self) -> Metric:
+        family = self.rendered_as(self.name, self.documentation, labels=self.labelnames)
+        for values, child in list(self._children.items()):
+            family.add_metric(values, child.value)
+        return family
+
+
+class Counter(_Scalar[CounterValue]):
+    rendered_as = CounterMetricFamily
+
     def _new(self) -> CounterValue:
         return CounterValue()
 
     def inc(self, amount: float = 1.0) -> None:
         self.labels().inc(amount)
 
-    def _family(self) -> Metric:
-        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        for values, child in list(self._children.items()):
-            family.add_metric(values, child.value)
-        return family
 
+class Gauge(_Scalar[GaugeValue]):
+    rendered_as = GaugeMetricFamily
 
-class Gauge(_Family[GaugeValue]):
     def __init__(
         self, name: str, documentation: str, labelnames: Sequence[str] = (), *, registry: CollectorRegistry
     ) -> None:
@@ -134,12 +148,6 @@ class Gauge(_Family[GaugeValue]):
 
     def set(self, value: float) -> None:
         self._unlabelled.set(value)
-
-    def _family(self) -> Metric:
-        family = GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        for values, child in list(self._children.items()):
-            family.add_metric(values, child.value)
-        return family
 
 
 class Histogram(_Family[HistogramValue]):

@@ -164,8 +164,10 @@ async def test_sqlite_changes_reach_the_file_while_the_store_runs(tmp_path: Path
     try:
         await reserve(s, "r1", [charge("a", 100)], 10)
         await waiting.until_async(lambda: on_disk(path, "a") == (0, 10), what="the reservation on disk")
+        assert on_disk(path, "a") == (0, 10)  # written while the store is open, not at close
         await s.settle("r1", ["a"], 7)
         await waiting.until_async(lambda: on_disk(path, "a") == (7, 0), what="the settle on disk")
+        assert on_disk(path, "a") == (7, 0)
     finally:
         await s.close()
 
