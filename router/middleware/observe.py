@@ -18,7 +18,6 @@ from router.observability import logs
 from router.observability import metrics as metrics_mod
 
 UNMATCHED = "unrouted"  # refused before routing (401, 413, ...) or no route (404)
-MAX_CHILDREN = 4096  # cached metric children; routes x methods x statuses is far smaller
 
 
 class ObserveMiddleware:
@@ -34,20 +33,6 @@ class ObserveMiddleware:
         self._metrics = metrics
         self._route_names = route_names
         self._access = access_log
-        # Bound metric children by (route, method, status): ``labels()`` takes a lock and hashes
-        # its arguments on every call; this is one dictionary hit.
-        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
-
-    def _count(self, route: str, method: str, status: int, elapsed: float) -> None:
-        key = (route, method, status)
-        children = self._children.get(key)
-        if children is None:
-            m = self._metrics
-            children = (m.requests.labels(route, method, str(status)), m.latency.labels(route))
-            if len(self._children) < MAX_CHILDREN:
-                self._children[key] = children
-        children[0].inc()
-        children[1].observe(elapsed)
 
     def _route(self, scope: Scope) -> str:
         names = self._route_names() if callable(self._route_names) else self._route_names
@@ -86,7 +71,8 @@ class ObserveMiddleware:
             elapsed = time.perf_counter() - start
             route = self._route(scope)
             method = scope.get("method", "WS")
-            self._count(route, method, status, elapsed)
+            self._metrics.requests.labels(route, method, str(status)).inc()
+            self._metrics.latency.labels(route).observe(elapsed)
             if self._access.enabled:
                 principal = _asgi.state(scope).get(_asgi.PRINCIPAL)
                 line = {

@@ -87,11 +87,15 @@ class _Family(abc.ABC, Generic[V]):
         """A new child value."""
 
     def labels(self, *values: str) -> V:
+        """The child for these label values: one dictionary hit (no lock, no per-call-site cache needed)."""
         child = self._children.get(values)
         if child is None:
             if len(values) != len(self.labelnames):
                 raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
-            child = self._children[tuple(str(v) for v in values)] = self._new()
+            key = tuple(str(v) for v in values)  # as rendered: labels(200) and labels("200") are one child
+            child = self._children.get(key)
+            if child is None:
+                child = self._children[key] = self._new()
         return child
 
     @abc.abstractmethod

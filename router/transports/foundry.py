@@ -40,7 +40,6 @@ UPSTREAM = "foundry"
 DEPLOYMENTS_PREFIX = "/openai/deployments/"
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 MAX_DRAIN_BYTES = 64 * 1024
-MAX_CACHED_DEPLOYMENTS = 1024  # a failed attempt's error body is read so its connection can be reused
 
 # Never forwarded: hop-by-hop (RFC 9110 §7.6.1), the caller's credentials (SPEC.md §1), and what
 # the client library sets itself. ``accept-encoding`` is replaced by identity: usage is read
@@ -110,9 +109,7 @@ class FoundryTransport:
         self._broker = broker
         self._policy = policy
         self._metrics = metrics
-        # Metric children resolved once, not per request (prometheus ``labels()`` takes a lock).
         self._latency = metrics.upstream_latency.labels(UPSTREAM)
-        self._tokens: dict[str, tuple[Any, Any]] = {}
 
     def routes(self) -> tuple[list[BaseRoute], list[BaseRoute]]:
         """Routes owned outright (``/openai/...``, ``/models/...``) and the ``/v1/...`` catch-all,
@@ -231,13 +228,8 @@ class FoundryTransport:
         if found is None:
             return
         label = deployment or ""
-        counters = self._tokens.get(label)
-        if counters is None:
-            counters = (self._metrics.tokens.labels("prompt", label), self._metrics.tokens.labels("completion", label))
-            if len(self._tokens) < MAX_CACHED_DEPLOYMENTS:
-                self._tokens[label] = counters
-        counters[0].inc(found.prompt_tokens)
-        counters[1].inc(found.completion_tokens)
+        self._metrics.tokens.labels("prompt", label).inc(found.prompt_tokens)
+        self._metrics.tokens.labels("completion", label).inc(found.completion_tokens)
         if fields is not None:
             fields["promptTokens"] = found.prompt_tokens
             fields["completionTokens"] = found.completion_tokens

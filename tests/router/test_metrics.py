@@ -52,3 +52,12 @@ def test_counters_refuse_to_go_down_and_labels_are_checked() -> None:
         counter.labels("/x").inc(-1)
     with pytest.raises(ValueError, match="takes labels"):
         counter.labels("/x", "extra")
+
+
+def test_label_values_are_one_child_however_they_are_spelled() -> None:
+    registry = CollectorRegistry()
+    counter = metrics.Counter("c", "a counter", ["status"], registry=registry)
+    counter.labels("200").inc()
+    counter.labels(200).inc()  # type: ignore[arg-type]  # rendered as "200": the same series, not a reset
+    assert counter.labels("200").value == 2
+    assert ("c_total", (("status", "200"),), 2.0) in samples(registry)
