@@ -48,9 +48,11 @@ class MemoryStore:
         self._held: dict[str, Held] = {}
         self._deadlines: list[tuple[float, str]] = []  # heap of (deadline, reservation id)
         self._expiries: list[tuple[float, str]] = []  # heap of (expires_at, counter)
-        # What changed since the last take_changes(); None when nobody asks.
-        self._changed_cells: set[str] | None = set() if journal else None
-        self._changed_held: set[str] | None = set() if journal else None
+        # Ids of the counters and reservations changed since the last take_changes(); kept only
+        # when asked for (journal=True), or a plain memory store would remember every id forever.
+        self._changed_cells: set[str] = set()
+        self._changed_held: set[str] = set()
+        self._journal = journal
 
     def load(self, cells: dict[str, tuple[int, int, float]], held: dict[str, Held]) -> None:
         """Start from saved state (before the first operation; not a change)."""
@@ -64,7 +66,6 @@ class MemoryStore:
 
     def take_changes(self) -> Changes:
         """What changed since the last call (needs ``journal=True``), and forget it."""
-        assert self._changed_cells is not None and self._changed_held is not None
         cells: dict[str, tuple[int, int, float] | None] = {}
         for counter in self._changed_cells:
             cell = self._cells.get(counter)
@@ -76,7 +77,6 @@ class MemoryStore:
 
     def mark_changed(self, changes: Changes) -> None:
         """Remember ``changes`` as not yet taken again (a write of them failed)."""
-        assert self._changed_cells is not None and self._changed_held is not None
         self._changed_cells.update(changes.cells)
         self._changed_held.update(changes.held)
 
@@ -98,7 +98,7 @@ class MemoryStore:
             cell = self._cells.get(counter)
             if cell is not None and cell.expires_at <= expires_at:
                 del self._cells[counter]
-                if self._changed_cells is not None:
+                if self._journal:
                     self._changed_cells.add(counter)
 
     def _drop(self, rid: str) -> Held | None:
@@ -108,7 +108,7 @@ class MemoryStore:
                 cell = self._cells.get(counter)
                 if cell is not None:
                     cell.reserved = max(0, cell.reserved - held.amount)
-            if self._changed_cells is not None and self._changed_held is not None:
+            if self._journal:
                 self._changed_cells.update(held.counters)
                 self._changed_held.add(rid)
         return held
@@ -133,7 +133,7 @@ class MemoryStore:
         held = Held(tuple(ch.counter for ch in charges), amount, deadline)
         self._held[reservation_id] = held
         heapq.heappush(self._deadlines, (deadline, reservation_id))
-        if self._changed_cells is not None and self._changed_held is not None:
+        if self._journal:
             self._changed_cells.update(held.counters)
             self._changed_held.add(reservation_id)
         return base.Outcome(True, before)
@@ -145,7 +145,7 @@ class MemoryStore:
             cell = self._cells.get(counter)
             if cell is not None:
                 cell.used += actual
-        if self._changed_cells is not None:
+        if self._journal:
             self._changed_cells.update(targets)
 
     async def release(self, reservation_id: str, counters: Sequence[str]) -> None:
