@@ -83,7 +83,7 @@ class _App(Starlette):
 
 
 async def _flush_every(lines: list[logs.JsonLines], stop: asyncio.Event) -> None:
-    """Flush buffered access lines of an idle router (busy ones flush as they write)."""
+    """Flush buffered log lines of an idle router (busy ones flush as they write)."""
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=logs.FLUSH_INTERVAL_S)
@@ -95,6 +95,7 @@ def build_app(settings: Settings) -> Starlette:
     metrics = metrics_mod.Metrics()
     access_log = logs.JsonLines(sys.stdout if settings.log.access else None)
     audit_log = logs.JsonLines(sys.stderr, logger=mcp_audit.LOGGER, msg="tools/call")
+    buffered = [access_log, audit_log]  # flushed by one ticker, and at shutdown
     policy = store_mod.PolicyStore(
         settings.policy.dir,
         settings.safety.floor,
@@ -195,14 +196,14 @@ def build_app(settings: Settings) -> Starlette:
             watcher = None
             if settings.policy.watch and settings.policy.dir is not None:
                 watcher = asyncio.create_task(policy.watch(stop), name="kars-policy-watch")
-            flusher = asyncio.create_task(_flush_every([access_log, audit_log], stop), name="kars-access-log-flush")
+            flusher = asyncio.create_task(_flush_every(buffered, stop), name="kars-log-flush")
             try:
                 yield
             finally:
                 stop.set()
                 await asyncio.gather(flusher, return_exceptions=True)
-                access_log.flush()
-                audit_log.flush()
+                for lines in buffered:
+                    lines.flush()
                 if watcher is not None:
                     await asyncio.gather(watcher, return_exceptions=True)
 

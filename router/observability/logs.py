@@ -6,8 +6,8 @@ lines in its own buffer and writes them in one call at most every ``FLUSH_INTERV
 every ``MAX_PENDING_LINES``; and on a ticker from the app's lifespan, so an idle router's last
 lines still appear). The buffer is its own, not the stream's: with ``PYTHONUNBUFFERED=1``, which
 container images commonly set, every ``sys.stdout.write`` is a system call that releases the
-GIL, and a busy event loop then waits for the SQLite store's thread to hand it back (~100 us a
-request here).
+GIL, and a busy event loop then waits to get it back from any other thread (~100 us a request
+here).
 
 Nothing here logs secrets, prompts or tool arguments; callers pass only what may be shown.
 """
