@@ -45,6 +45,7 @@ def process(
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
     log: Path | None = None,
+    ready_timeout_s: float = READY_TIMEOUT_S,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Start ``argv``, wait until ``ready_url`` answers, stop it afterwards.
 
@@ -56,7 +57,7 @@ def process(
             list(argv), env={**os.environ, **(env or {})}, cwd=cwd, stdout=subprocess.DEVNULL, stderr=err
         )
         try:
-            deadline = time.monotonic() + READY_TIMEOUT_S
+            deadline = time.monotonic() + ready_timeout_s
             while True:
                 if proc.poll() is not None:
                     err.seek(0)

@@ -127,8 +127,10 @@ def cpu_seconds(pid: int) -> float:
 
 
 @contextlib.contextmanager
-def _server(core: str, argv: list[str], ready: str, env: dict[str, str], cwd: Path) -> Iterator[int]:
-    with _load.process(_load.pinned(core, argv), ready_url=ready, env=env, cwd=cwd) as proc:
+def _server(
+    core: str, argv: list[str], ready: str, env: dict[str, str], cwd: Path, wait_s: float = _load.READY_TIMEOUT_S
+) -> Iterator[int]:
+    with _load.process(_load.pinned(core, argv), ready_url=ready, env=env, cwd=cwd, ready_timeout_s=wait_s) as proc:
         yield proc.pid
 
 
@@ -286,10 +288,10 @@ def main(argv: list[str]) -> int:
             master = "sk-bench-" + secrets.token_hex(16)  # LiteLLM refuses to start without one
             lenv = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False"}
             lenv["LITELLM_MASTER_KEY"] = master
-            _load.READY_TIMEOUT_S = max(_load.READY_TIMEOUT_S, LITELLM_START_S)  # its imports are slow
             largv = [str(exe), "--config", str(cfg), "--port", str(port), "--num_workers", "1"]
             url = f"http://127.0.0.1:{port}"
-            with _server(_load.SERVER_CORE, largv, url + "/health/liveliness", lenv, work) as pid:
+            # LiteLLM's imports are slow: a longer wait for it to answer.
+            with _server(_load.SERVER_CORE, largv, url + "/health/liveliness", lenv, work, LITELLM_START_S) as pid:
                 row = Row("(d) LiteLLM proxy", pid, url + "/chat/completions", [f"Authorization: Bearer {master}"])
                 row.stream = True
                 saturate([row], lua, args)

@@ -22,16 +22,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+
+import aiohttp
 
 from bench import _load, _mcp_client, inference
 from bench import mcp as mcp_bench
@@ -68,8 +67,6 @@ def _server_argv(variant: str, port: int, policy_dir: Path) -> tuple[list[str], 
 
 
 async def _drive(url: str, token: str, body: bytes, pid: int, requests: int) -> None:
-    import aiohttp
-
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
     async with aiohttp.ClientSession() as session:
 
@@ -87,7 +84,7 @@ async def _drive(url: str, token: str, body: bytes, pid: int, requests: int) -> 
 
 
 async def _drive_mcp(url: str, token: str, pid: int, calls: int) -> None:
-    async with aiohttp_session() as http:
+    async with aiohttp.ClientSession() as http:
         client = _mcp_client._Streamable(http, url, {"authorization": f"Bearer {token}"})
         await client.open()
         for rid in range(1, WARMUP_REQUESTS):
@@ -100,28 +97,12 @@ async def _drive_mcp(url: str, token: str, pid: int, calls: int) -> None:
         await client.close()
 
 
-def aiohttp_session() -> Any:
-    import aiohttp
-
-    return aiohttp.ClientSession()
-
-
 async def _callgrind(pid: int, switch: str) -> None:
     proc = await asyncio.create_subprocess_exec(
         "callgrind_control", switch, str(pid), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     if await proc.wait() != 0:
         raise RuntimeError(f"callgrind_control {switch} {pid} failed")
-
-
-@contextlib.contextmanager
-def _ready_timeout(seconds: float) -> Iterator[None]:
-    before = _load.READY_TIMEOUT_S
-    _load.READY_TIMEOUT_S = seconds
-    try:
-        yield
-    finally:
-        _load.READY_TIMEOUT_S = before
 
 
 def measure(variant: str, work: Path, env: dict[str, str], token: str, requests: int) -> int:
@@ -132,10 +113,9 @@ def measure(variant: str, work: Path, env: dict[str, str], token: str, requests:
     vg = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}", *argv]
     url = f"http://127.0.0.1:{port}"
     server = _load.pinned(_load.SERVER_CORE, vg)
-    with (
-        _ready_timeout(VALGRIND_READY_S),
-        _load.process(server, ready_url=url + ready, env={**env, **extra}, cwd=work) as proc,
-    ):
+    with _load.process(
+        server, ready_url=url + ready, env={**env, **extra}, cwd=work, ready_timeout_s=VALGRIND_READY_S
+    ) as proc:
         if variant == "mcp":
             asyncio.run(_drive_mcp(url + "/mcp/echo", token, proc.pid, requests))
         else:
