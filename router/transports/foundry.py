@@ -39,7 +39,7 @@ from router.upstream import http as http_mod
 UPSTREAM = "foundry"
 DEPLOYMENTS_PREFIX = "/openai/deployments/"
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
-MAX_DRAIN_BYTES = 64 * 1024
+MAX_DRAIN_BYTES = 64 * 1024  # a failed attempt's error body is read so its connection can be reused
 
 # Never forwarded: hop-by-hop (RFC 9110 §7.6.1), the caller's credentials (SPEC.md §1), and what
 # the client library sets itself. ``accept-encoding`` is replaced by identity: usage is read
