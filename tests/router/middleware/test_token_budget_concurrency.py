@@ -273,7 +273,7 @@ def test_a_second_router_process_on_the_same_sqlite_file_refuses_to_start(tmp_pa
 
 
 def sqlite_reserved(path: Path) -> int:
-    """Tokens reserved on the day counter, as the SQLite file holds them (read as the sqlite3 shell would)."""
+    """Tokens held by the reservations the SQLite file holds (read as the sqlite3 shell would)."""
     with contextlib.closing(sqlite3.connect(path)) as db:
         row = db.execute("SELECT coalesce(sum(amount), 0) FROM reservations").fetchone()
     return int(row[0])
