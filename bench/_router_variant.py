@@ -2,7 +2,7 @@
 
 ``BENCH_DROP=Name,Name python -m bench._router_variant PORT``: ``build_app(settings.load())``
 as ``kars router`` would build it, minus the named middleware classes (``ALL`` drops every
-layer: the Starlette app and the transport alone), served by uvicorn with uvloop and httptools.
+layer: the Starlette app and the transport alone), served as ``kars router`` serves it.
 """
 
 from __future__ import annotations
@@ -10,28 +10,18 @@ from __future__ import annotations
 import os
 import sys
 
-import uvicorn
-
-from router import settings
+from router import cli, settings
 from router.app import build_app
 
 
 def main(port: int) -> None:
-    app = build_app(settings.load())
+    config = settings.load(overrides={("server", "port"): port})
+    app = build_app(config)
     drop = [n for n in os.environ.get("BENCH_DROP", "").split(",") if n]
     if drop == ["ALL"]:
         drop = [m.cls.__name__ for m in app.user_middleware]
     app.user_middleware = [m for m in app.user_middleware if m.cls.__name__ not in drop]
-    uvicorn.run(
-        app,
-        host="127.0.0.1",
-        port=port,
-        loop="uvloop",
-        http="httptools",
-        log_level="warning",
-        access_log=False,
-        proxy_headers=False,  # as kars router serves it
-    )
+    cli.serve(app, config)  # as `kars router` serves it (uvloop, httptools, the collector tuned)
 
 
 if __name__ == "__main__":

@@ -105,11 +105,11 @@ async def _callgrind(pid: int, switch: str) -> None:
         raise RuntimeError(f"callgrind_control {switch} {pid} failed")
 
 
-def measure(variant: str, work: Path, env: dict[str, str], token: str, requests: int) -> int:
+def measure(variant: str, work: Path, env: dict[str, str], token: str, requests: int, keep: Path | None) -> int:
     """Instructions per request of ``variant``'s server process."""
     port = _load.free_port()
     argv, ready, extra = _server_argv(variant, port, work / "policy")
-    out = work / f"callgrind.{port}.out"
+    out = (keep or work) / f"callgrind.{variant.replace(':', '-').replace(',', '+')}.out"
     vg = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}", *argv]
     url = f"http://127.0.0.1:{port}"
     server = _load.pinned(_load.SERVER_CORE, vg)
@@ -131,6 +131,7 @@ def measure(variant: str, work: Path, env: dict[str, str], token: str, requests:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench instructions")
     parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--keep", type=Path, help="keep callgrind's output files here (for callgrind_annotate)")
     parser.add_argument("variants", nargs="*", default=["bare", "router"])
     args = parser.parse_args(argv)
     for tool in ("valgrind", "callgrind_control"):
@@ -175,7 +176,7 @@ def main(argv: list[str]) -> int:
         ):
             for variant in args.variants:
                 token = tokens[MCP_SANDBOX if variant == "mcp" else inference.SANDBOX]
-                results.append((variant, measure(variant, work, env, token, args.requests)))
+                results.append((variant, measure(variant, work, env, token, args.requests, args.keep)))
                 print(f"{variant}: {results[-1][1]:,} instructions/request", file=sys.stderr, flush=True)
     base = dict(results).get("bare")
     print("| server | instructions / request | vs bare |\n|---|---:|---:|")

@@ -6,9 +6,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from router import settings as settings_mod
+
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
 
 EXIT_INVALID = 1
 EXIT_USAGE = 2
@@ -24,9 +27,34 @@ def _settings(args: argparse.Namespace, overrides: dict[tuple[str, ...], Any]) -
         raise SystemExit(EXIT_USAGE) from None
 
 
-def cmd_router(args: argparse.Namespace) -> int:
+def serve(application: Starlette, settings: settings_mod.Settings) -> None:
+    """Serve the app in this process as ``kars router`` does (the benches' router variants too)."""
     import uvicorn
 
+    from router import gc_tuning
+
+    gc_tuning.set_threshold(settings.server.gc_threshold)
+    if settings.server.gc_freeze:
+        # Called on the loop once start-up loaded the policy, then after each reload that changed it.
+        application.state.kars.policy.subscribe(lambda _snapshot: gc_tuning.freeze())
+    uvicorn.run(
+        application,
+        host=settings.server.host,
+        port=settings.server.port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_config=None,
+        log_level=settings.log.level,
+        server_header=False,
+        # The identity layer decides who the peer is (identity.trustedProxies). uvicorn's
+        # X-Forwarded-For rewriting would let a loopback caller pose as a trusted proxy.
+        proxy_headers=False,
+    )
+
+
+def cmd_router(args: argparse.Namespace) -> int:
     from router import app as app_mod
     from router.identity import devtokens
     from router.observability import logs
@@ -55,21 +83,7 @@ def cmd_router(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
-    uvicorn.run(
-        application,
-        host=settings.server.host,
-        port=settings.server.port,
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        access_log=False,
-        log_config=None,
-        log_level=settings.log.level,
-        server_header=False,
-        # The identity layer decides who the peer is (identity.trustedProxies). uvicorn's
-        # X-Forwarded-For rewriting would let a loopback caller pose as a trusted proxy.
-        proxy_headers=False,
-    )
+    serve(application, settings)
     return 0
 
 

@@ -71,6 +71,8 @@ class ServerSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=DEFAULT_PORT, ge=0, le=65535)
     sandbox: SandboxId | None = None  # sidecar mode: every local caller is this sandbox
+    gc_threshold: int = Field(default=10_000, ge=0)  # router.gc_tuning; 0 keeps Python's 700
+    gc_freeze: bool = True  # router.gc_tuning: the start-up heap out of the collector's walks
 
 
 class PolicySettings(_Section):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +54,40 @@ def test_router_starts_on_embedded_defaults_and_prints_a_working_token(tmp_path:
     # uvicorn shuts down gracefully (lifespan included), then re-raises SIGTERM for its exit status.
     assert proc.returncode in (0, -15)
     assert "Application shutdown complete" in rest
+
+
+def test_router_freezes_its_heap_at_start_and_after_each_policy_change(tmp_path: Path) -> None:
+    """``router.gc_tuning``: the start-up heap leaves the collector's walks once the policy is
+    loaded, and again after a reload swaps in a changed policy (so the old one is collected)."""
+    policy_dir = tmp_path / "policy"
+    shutil.copytree(ROOT / "examples", policy_dir)
+    port = servers.free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KARS_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "router", "router", "--policy-dir", str(policy_dir), "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def entries() -> int:
+        try:
+            return len(httpx.get(f"{url}/internal/policy-status", timeout=1).json()["entries"])
+        except httpx.TransportError:
+            return -1
+
+    try:
+        waiting.until(lambda: entries() == 6, timeout_s=20, what="the router to load the examples")
+        (policy_dir / "tools.yaml").unlink()
+        waiting.until(lambda: 0 <= entries() < 6, timeout_s=20, what="the router to reload without tools.yaml")
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=20)
+    frozen = [line for line in err.splitlines() if "objects frozen in" in line]
+    assert len(frozen) == 2, err
 
 
 def test_router_refuses_bad_settings_with_a_clear_message(tmp_path: Path) -> None:
