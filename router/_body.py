@@ -9,9 +9,9 @@ then passes through to the real one (so a client disconnect is still seen).
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+import orjson
 from starlette.types import Message, Receive, Scope
 
 from router import _asgi, errors
@@ -42,8 +42,8 @@ async def read_json(scope: Scope, receive: Receive) -> Any:
         return st[_asgi.JSON]
     body = await read(scope, receive)
     try:
-        parsed = json.loads(body) if body else None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        parsed = orjson.loads(body) if body else None
+    except orjson.JSONDecodeError as exc:
         raise errors.InvalidRequest(f"request body is not valid JSON: {exc}") from None
     st[_asgi.JSON] = parsed
     return parsed

@@ -25,9 +25,10 @@ Third-party exceptions are translated into these at the boundary where they occu
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any, ClassVar
+
+import orjson
 
 
 class KarsError(Exception):
@@ -64,7 +65,7 @@ class KarsError(Exception):
 
     def render(self) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         """Status, raw ASGI headers and body bytes of this error's response."""
-        payload = json.dumps(self.body(), separators=(",", ":")).encode()
+        payload = orjson.dumps(self.body())
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(payload)).encode()),

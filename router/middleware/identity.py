@@ -15,10 +15,10 @@ this layer does not verify it, it leaves the principal unset and hands the token
 from __future__ import annotations
 
 import ipaddress
-import json
 from collections.abc import Iterable
 
 import jwt
+import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from router import _asgi, errors
@@ -123,7 +123,7 @@ def _names_an_agent(token: str, policy: store_mod.PolicyStore) -> bool:
     if not snap.has_a2a_agents:
         return False
     try:
-        claims = json.loads(jwt.utils.base64url_decode(token.split(".")[1]))
+        claims = orjson.loads(jwt.utils.base64url_decode(token.split(".")[1]))
     except (ValueError, IndexError, UnicodeDecodeError):
         return False
     iss = claims.get("iss") if isinstance(claims, dict) else None

@@ -16,19 +16,17 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import json
 import logging
 import sys
 import time
 from collections.abc import Mapping
 from typing import Any, TextIO
 
+import orjson
+
 ACCESS_LOGGER = "kars.access"
 FLUSH_INTERVAL_S = 0.25
 MAX_PENDING_LINES = 512
-
-_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
-
 
 _last_second: tuple[int, str] = (-1, "")  # the last second formatted (one assignment: thread-safe)
 
@@ -67,7 +65,7 @@ class JsonLines:
         if self.stream is None:
             return
         head = '{"ts":"' + iso_now() + self._head
-        body = _encode(fields)
+        body = orjson.dumps(fields, default=str).decode()
         lines = self._lines
         lines.append(head + ("," + body[1:] if len(body) > 2 else "}") + "\n")
         if len(lines) >= MAX_PENDING_LINES or time.monotonic() - self._flushed_at >= FLUSH_INTERVAL_S:
@@ -97,7 +95,7 @@ class JsonFormatter(logging.Formatter):
             entry.update(fields)
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str, separators=(",", ":"))
+        return orjson.dumps(entry, default=str).decode()
 
 
 def configure(level: str) -> None:

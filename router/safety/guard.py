@@ -17,10 +17,10 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
 from starlette.types import Message, Send
 
 from router import _asgi, errors
@@ -77,7 +77,7 @@ def _event_doc(event: bytes) -> Any:
     if not data.startswith(b"{"):
         return None
     try:
-        return json.loads(data)
+        return orjson.loads(data)
     except ValueError:
         return None
 
@@ -171,7 +171,7 @@ class OutputGuard:
             doc = parsed[1]
         else:
             try:
-                doc = json.loads(body)
+                doc = orjson.loads(body)
             except ValueError:
                 doc = None
         await self._check_whole(doc, texts.output_of(doc))
@@ -239,7 +239,7 @@ class OutputGuard:
     async def _answer(self, doc: Any, refusal: errors.KarsError) -> None:
         """Send ``doc`` as the whole 200 reply in place of what the upstream generated."""
         self._ended = True
-        body = json.dumps(doc, separators=(",", ":")).encode()
+        body = orjson.dumps(doc)
         start = self._start or {"type": "http.response.start", "status": 200, "headers": []}
         self._start = None
         headers = [(k, v) for k, v in start.get("headers", ()) if k.lower() != b"content-length"]
@@ -270,7 +270,7 @@ class OutputGuard:
         if message.get("more_body", False):
             return
         try:
-            doc = json.loads(self._error)
+            doc = orjson.loads(self._error)
         except ValueError:
             return
         filtered = foundry.error_findings(doc)

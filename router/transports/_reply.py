@@ -22,6 +22,7 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
+import orjson
 from starlette.types import Receive, Scope, Send
 
 from router import _asgi, errors
@@ -130,7 +131,7 @@ async def _relay_json(scope: Scope, send: Send, reply: http_mod.Response, link: 
     data, complete = await link.wait(reply.read(MAX_JSON_BYTES))
     if complete:
         try:
-            doc = json.loads(data)
+            doc = orjson.loads(data)
         except ValueError:
             raise errors.UpstreamError("the upstream sent a malformed JSON reply") from None
         found = usage_mod.Usage.from_payload(doc.get("usage")) if isinstance(doc, dict) else None

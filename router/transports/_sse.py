@@ -11,9 +11,10 @@ removed (SPEC.md §2).
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
+
+import orjson
 
 from router import usage as usage_mod
 
@@ -26,7 +27,7 @@ DONE_EVENT = b"data: [DONE]\n\n"
 
 def error_event(body: dict[str, Any]) -> bytes:
     """An in-protocol error (the ``error`` event the openai SDK raises ``APIError`` for), then DONE."""
-    return b"event: error\ndata: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n" + DONE_EVENT
+    return b"event: error\ndata: " + orjson.dumps(body) + b"\n\n" + DONE_EVENT
 
 
 def _data(event: bytes) -> bytes:
@@ -83,8 +84,8 @@ class StreamObserver:
     def _look(self, event: bytes) -> bool:
         """Record the usage in ``event``; True when the event is the usage chunk to drop."""
         try:
-            doc = json.loads(_data(event))
-        except (UnicodeDecodeError, ValueError):
+            doc = orjson.loads(_data(event))
+        except ValueError:
             return False
         if not isinstance(doc, dict):
             return False

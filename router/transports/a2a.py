@@ -17,11 +17,11 @@ One pooled upstream client (``router.upstream.http``) per agent origin, for the 
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 from typing import Any
 from urllib.parse import urlsplit
 
+import orjson
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
@@ -85,7 +85,7 @@ def requested_version(scope: Scope) -> str | None:
 
 
 def _jsonrpc_error(request_id: Any, code: int, message: str) -> bytes:
-    return json.dumps({"jsonrpc": "2.0", "id": request_id, "error": {"code": code, "message": message}}).encode()
+    return orjson.dumps({"jsonrpc": "2.0", "id": request_id, "error": {"code": code, "message": message}})
 
 
 class _Endpoint:

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import time
 from typing import Any
 from urllib.parse import quote
 
+import orjson
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
@@ -158,7 +158,7 @@ class FoundryTransport:
             if not (isinstance(options, dict) and options.get("include_usage") is True):
                 extra = options if isinstance(options, dict) else {}
                 doc = {**doc, "stream_options": {**extra, "include_usage": True}}
-                body = json.dumps(doc, separators=(",", ":")).encode()
+                body = orjson.dumps(doc)
                 strip = True
         named = route.deployment
         if named is None and isinstance(doc, dict) and isinstance(doc.get("model"), str):
@@ -263,5 +263,5 @@ def _target(
         endpoint = path[len(DEPLOYMENTS_PREFIX) :].partition("/")[2]
         return quote(f"{DEPLOYMENTS_PREFIX}{deployment}/{endpoint}"), body
     if isinstance(doc, dict):
-        return quote(path), json.dumps({**doc, "model": deployment}, separators=(",", ":")).encode()
+        return quote(path), orjson.dumps({**doc, "model": deployment})
     return quote(path), body

@@ -190,10 +190,20 @@ def test_caller_credential_is_still_required(stack: Stack) -> None:
     assert stack.fake.requests == []
 
 
-def test_malformed_request_json_is_400_and_never_forwarded(stack: Stack) -> None:
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model": "gpt-4o", "messages": [',  # cut short
+        b'{"model": "gpt-4o", "messages": [], "temperature": NaN}',  # Python's json takes it; JSON does not
+        b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "\xff"}]}',  # not UTF-8
+        b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "\\ud800"}]}',  # lone surrogate
+    ],
+    ids=["truncated", "nan", "not-utf8", "lone-surrogate"],
+)
+def test_malformed_request_json_is_400_and_never_forwarded(stack: Stack, body: bytes) -> None:
     r = httpx.post(
         stack.router.url + "/openai/v1/chat/completions",
-        content=b'{"model": "gpt-4o", "messages": [',
+        content=body,
         headers={"authorization": f"Bearer {stack.token}", "content-type": "application/json"},
     )
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_request"

@@ -6,8 +6,9 @@ Names follow the MCP specification (2024-11-05 HTTP+SSE; 2025-03-26, 2025-06-18 
 
 from __future__ import annotations
 
-import json
 from typing import Any
+
+import orjson
 
 MCP_SESSION_ID = b"mcp-session-id"
 MCP_PROTOCOL_VERSION = b"mcp-protocol-version"
@@ -36,7 +37,7 @@ KEEPALIVE_COMMENT = b": keep-alive\n\n"
 
 
 def dumps(message: Any) -> str:
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+    return orjson.dumps(message).decode()
 
 
 def is_request(message: dict[str, Any]) -> bool:

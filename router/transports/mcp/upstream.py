@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import urllib.parse
 from collections.abc import AsyncIterator
 from typing import Any
+
+import orjson
 
 from router import errors
 from router.transports.mcp import _sse, _wire
@@ -73,8 +74,8 @@ Message = tuple[dict[str, Any], str]  # a JSON-RPC message and its JSON text, fo
 
 def _parse(data: str) -> list[Message]:
     try:
-        parsed = json.loads(data)
-    except json.JSONDecodeError:
+        parsed = orjson.loads(data)
+    except orjson.JSONDecodeError:
         log.warning("upstream sent a message that is not JSON; dropped")
         return []
     if isinstance(parsed, dict):
