@@ -47,36 +47,45 @@ def _is_count(value: Any) -> bool:
 
 def estimate_prompt_tokens(body: Any) -> int:
     """A cheap estimate of the prompt tokens in a request body (see the module docstring)."""
-    total = 0.0
+    chars = extra_bytes = numbers = images = 0
     stack = [body]
     while stack:
         value = stack.pop()
-        if isinstance(value, str):
+        kind = type(value)  # the parsed body holds exact JSON types: no isinstance chain per value
+        if kind is str:
             if value.startswith("data:"):
-                total += DATA_URL_TOKENS
-            elif value.isascii():
-                total += len(value) / ASCII_CHARS_PER_TOKEN
+                images += 1
             else:
-                extra = len(value.encode("utf-8", "surrogatepass")) - len(value)
-                total += len(value) / ASCII_CHARS_PER_TOKEN + extra * TOKENS_PER_EXTRA_UTF8_BYTE
-        elif isinstance(value, dict):
+                chars += len(value)
+                if not value.isascii():
+                    extra_bytes += len(value.encode("utf-8", "surrogatepass")) - len(value)
+        elif kind is dict:
             stack.extend(value.values())
-        elif isinstance(value, list):
+        elif kind is list:
             stack.extend(value)
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            total += 1
-    return math.ceil(total) + PROMPT_OVERHEAD_TOKENS
+        elif kind is int or kind is float:  # not bool: true/false are not numbers here
+            numbers += 1
+    text = chars / ASCII_CHARS_PER_TOKEN + extra_bytes * TOKENS_PER_EXTRA_UTF8_BYTE
+    return math.ceil(text + numbers + images * DATA_URL_TOKENS) + PROMPT_OVERHEAD_TOKENS
 
 
 def requested_output(body: Any) -> int | None:
     """The most output tokens the request asks for (all choices together), or None if unbounded."""
     if not isinstance(body, dict):
         return None
-    maxima = [body[f] for f in MAX_OUTPUT_FIELDS if _is_count(body.get(f))]
-    if not maxima:
+    most: int | None = None
+    for field in MAX_OUTPUT_FIELDS:
+        value = body.get(field)
+        if value is not None and _is_count(value) and (most is None or value > most):
+            most = value
+    if most is None:
         return None
-    choices = max([body[f] for f in CHOICE_FIELDS if _is_count(body.get(f)) and body[f] > 0] or [1])
-    return int(max(maxima)) * int(choices)
+    choices = 1
+    for field in CHOICE_FIELDS:
+        value = body.get(field)
+        if value is not None and _is_count(value) and value > choices:
+            choices = value
+    return most * choices
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

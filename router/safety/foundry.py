@@ -23,9 +23,14 @@ def _results(results: Any, out: list[verdict.Finding], *, only_filtered: bool = 
         return
     for category in verdict.HARM:
         entry = results.get(category)
-        if isinstance(entry, dict) and (entry.get("filtered") is True or not only_filtered):
-            rank = verdict.RANK.get(str(entry.get("severity", "")).lower())
-            if rank:  # "safe" (rank 0) is under every ceiling: no finding
+        if not isinstance(entry, dict):
+            continue
+        severity = entry.get("severity", "")
+        if severity == "safe":  # rank 0, under every ceiling: no finding (nearly every annotation)
+            continue
+        if entry.get("filtered") is True or not only_filtered:
+            rank = verdict.RANK.get(str(severity).lower())
+            if rank:
                 out.append(verdict.Finding(category, PROVIDER, rank))
     for category in _ATTACKS:
         entry = results.get(category)
