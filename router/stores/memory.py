@@ -14,6 +14,10 @@ from collections.abc import Sequence
 
 from router.stores import base
 
+# The deadline heap drops a settled reservation lazily; it is rebuilt from the reservations still
+# held once stale entries outnumber them (and this floor), so it stays as small as what is held.
+COMPACT_FLOOR = 1024
+
 
 @dataclasses.dataclass(slots=True)
 class _Cell:
@@ -46,7 +50,7 @@ class MemoryStore:
     def __init__(self, *, journal: bool = False) -> None:
         self._cells: dict[str, _Cell] = {}
         self._held: dict[str, Held] = {}
-        self._deadlines: list[tuple[float, str]] = []  # heap of (deadline, reservation id)
+        self._deadlines: list[tuple[float, str]] = []  # heap of (deadline, reservation id), see COMPACT_FLOOR
         self._expiries: list[tuple[float, str]] = []  # heap of (expires_at, counter)
         # Ids of the counters and reservations changed since the last take_changes(); kept only
         # when asked for (journal=True), or a plain memory store would remember every id forever.
@@ -132,7 +136,11 @@ class MemoryStore:
             cell.reserved += amount
         held = Held(tuple(ch.counter for ch in charges), amount, deadline)
         self._held[reservation_id] = held
-        heapq.heappush(self._deadlines, (deadline, reservation_id))
+        if len(self._deadlines) > 2 * len(self._held) + COMPACT_FLOOR:
+            self._deadlines = [(h.deadline, rid) for rid, h in self._held.items()]
+            heapq.heapify(self._deadlines)
+        else:
+            heapq.heappush(self._deadlines, (deadline, reservation_id))
         if self._journal:
             self._changed_cells.update(held.counters)
             self._changed_held.add(reservation_id)
