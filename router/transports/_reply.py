@@ -56,7 +56,8 @@ class Link:
             self.waiting = False
 
     async def watch(self, receive: Receive, task: asyncio.Task[Any]) -> None:
-        """Until the caller disconnects; then cancel ``task`` if it is waiting on the upstream."""
+        """Until the caller disconnects, or the response is complete (then receive() answers
+        ``http.disconnect`` too); cancel ``task`` if it is waiting on the upstream then."""
         while (await receive())["type"] != "http.disconnect":
             pass
         self.gone = True

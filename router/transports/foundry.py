@@ -134,11 +134,16 @@ class FoundryTransport:
         try:
             await self._forward(scope, send, link, route, client, broker, body, doc)
         except asyncio.CancelledError:
+            watcher.cancel()
             if link.gone and current.uncancel() == 0:
                 return  # the caller left: nothing to answer; the upstream reply was closed
             raise
-        finally:
+        except BaseException:
             watcher.cancel()
+            raise
+        # Answered: the watcher is not cancelled (an exception and its traceback, each request)
+        # but ends by itself, as its pending receive() now returns http.disconnect (ASGI: once
+        # the response is complete, receive says so; uvicorn wakes the pending call).
 
     async def _forward(
         self,

@@ -38,6 +38,23 @@ def chat(url: str, token: str, deployment: str, **body: Any) -> httpx.Response:
     )
 
 
+def test_answered_requests_leave_nothing_behind_on_a_kept_alive_connection(
+    make_settings: Callable[..., Any], tmp_path: Path
+) -> None:
+    """Each request's disconnect watcher ends once the response is complete, while the caller's
+    connection stays open for the next request (nothing waits for the connection to close)."""
+    with foundry_stack(make_settings, tmp_path) as s, httpx.Client(timeout=20) as caller:
+        baseline = s.tasks()
+        for stream in (False, True, False):
+            r = caller.post(
+                f"{s.router.url}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
+                json={"messages": MESSAGES, "stream": stream},
+                headers={"api-key": s.token},
+            )
+            assert r.status_code == 200
+        s.assert_idle(baseline)
+
+
 def test_connection_refused_is_502_upstream_unavailable(make_settings: Callable[..., Any], tmp_path: Path) -> None:
     dead = f"http://127.0.0.1:{servers.free_port()}"
     with foundry_stack(make_settings, tmp_path, endpoint=dead) as s:
