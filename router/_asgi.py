@@ -35,6 +35,15 @@ def without_headers(scope: Scope, names: frozenset[bytes]) -> None:
         scope["headers"] = [(k, v) for k, v in scope["headers"] if k not in names]
 
 
+def is_json(content_type: bytes | None) -> bool:
+    """Whether a Content-Type value names JSON (``application/json``, ``...+json``), in any case.
+
+    ``find``, not ``in``: ``bytes.__contains__`` first tries its operand as an integer and pays
+    for a formatted TypeError each time it is not one (four times a request on the hot path).
+    """
+    return content_type is not None and content_type.lower().find(b"json") >= 0
+
+
 def client_host(scope: Scope) -> str | None:
     client = scope.get("client")
     return client[0] if client else None

@@ -49,8 +49,7 @@ class ContentSafetyMiddleware:
         route = inference.classify(scope["path"])
         if route is None or route.action not in CHECKED_ACTIONS:
             return await self.app(scope, receive, send)
-        ctype = _asgi.header(scope, b"content-type")
-        if ctype is None or b"json" not in ctype.lower():
+        if not _asgi.is_json(_asgi.header(scope, b"content-type")):
             return await self.app(scope, receive, send)
         st = _asgi.state(scope)
         ceilings = self._ceilings(st, route.action)

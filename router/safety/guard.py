@@ -148,10 +148,10 @@ class OutputGuard:
         ok = 200 <= status < 300
         if ok and ctype.startswith(b"text/event-stream"):
             self._mode, self._start = "sse", message
-        elif ok and b"json" in ctype:
+        elif ok and _asgi.is_json(ctype):
             self._mode, self._start = "json", message
         else:
-            self._mode = "error" if status == 400 and b"json" in ctype else "pass"
+            self._mode = "error" if status == 400 and _asgi.is_json(ctype) else "pass"
             await self._send(message)
 
     async def _release_start(self) -> None:
@@ -181,7 +181,7 @@ class OutputGuard:
     async def _sse(self, message: Message) -> None:
         more = message.get("more_body", False)
         body = message.get("body", b"")
-        if not self._lanes and b"filter_results" not in body:  # nothing to rate, no annotation in it
+        if not self._lanes and body.find(b"filter_results") < 0:  # nothing to rate, no annotation in it
             await self._release_start()
             return await self._send(message)
         events = _sse.events(body)

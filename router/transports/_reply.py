@@ -108,7 +108,7 @@ async def relay(
     ok = 200 <= reply.status < 300
     if ctype.startswith(b"text/event-stream"):
         found = await _relay_sse(scope, send, reply, link, ok=ok, strip=strip_usage_chunk, on_error=on_error)
-    elif ok and b"json" in ctype:
+    elif ok and _asgi.is_json(ctype):
         found = await _relay_json(scope, send, reply, link)
     else:
         await _relay_raw(scope, send, reply, link, ok=ok)

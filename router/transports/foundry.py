@@ -77,11 +77,6 @@ def _forward_headers(scope: Scope) -> list[tuple[str, str]]:
     return out
 
 
-def _is_json(scope: Scope) -> bool:
-    ctype = _asgi.header(scope, b"content-type")
-    return ctype is not None and b"json" in ctype.lower()
-
-
 def deployment_chain(named: str | None, preference: model.ModelPreference | None) -> list[str | None]:
     """The deployments to try, in order (see the module docstring)."""
     if preference is None:
@@ -125,7 +120,8 @@ class FoundryTransport:
         if client is None or broker is None:
             raise errors.ServiceUnavailable("no Foundry endpoint is configured", code="upstream_not_configured")
         body = await _body.read(scope, receive)
-        doc = await _body.read_json(scope, receive) if body and _is_json(scope) else None
+        json_body = body and _asgi.is_json(_asgi.header(scope, b"content-type"))
+        doc = await _body.read_json(scope, receive) if json_body else None
         # Watch for the caller going away while we wait on the upstream, and stop if it does.
         current = asyncio.current_task()
         assert current is not None
