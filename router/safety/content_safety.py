@@ -93,6 +93,7 @@ class ContentSafetyProvider:
     name = PROVIDER
     stream_batch_chars = STREAM_BATCH_CHARS
     overlap_chars = 0  # rated by meaning, in batches: no pattern spans two batches
+    checks_output = True
 
     def __init__(self, endpoint: str, *, auth: credentials.Broker, timeout_s: float) -> None:
         self._client = http_mod.Client(endpoint, timeouts=http_mod.Timeouts(connect_s=timeout_s, read_s=timeout_s))

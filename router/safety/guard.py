@@ -125,7 +125,7 @@ class OutputGuard:
         self._mode = "pass"
         self._start: Message | None = None  # held until the first body is checked
         self._held: list[bytes] = []  # SSE events waiting for a batch check
-        self._lanes = [_Lane(p) for p in judge.providers]
+        self._lanes = [_Lane(p) for p in judge.output_providers]
         self._error = bytearray()
         self._ended = False
 
@@ -174,7 +174,7 @@ class OutputGuard:
                 doc = orjson.loads(body)
             except ValueError:
                 doc = None
-        await self._check_whole(doc, texts.output_of(doc))
+        await self._check_whole(doc)
         await self._release_start()
         await self._send(message)
 
@@ -210,7 +210,7 @@ class OutputGuard:
             blocked = verdict.tripped(foundry.prompt_findings(doc), judge.ceilings)
             if blocked:
                 return judge.block(blocked, "prompt")
-            text = texts.delta_of(doc)
+            text = texts.delta_of(doc) if self._lanes else ""
             if text:
                 for lane in self._lanes:
                     lane.add(text)
@@ -220,13 +220,14 @@ class OutputGuard:
         annotated = foundry.output_findings(doc) if doc is not None else []
         return judge.decide([*annotated, *found], down, "output")
 
-    async def _check_whole(self, doc: Any, text: str) -> None:
+    async def _check_whole(self, doc: Any) -> None:
         """A whole JSON reply: its annotations, and its text rated by every provider at once."""
         judge = self._judge
         blocked = verdict.tripped(foundry.prompt_findings(doc), judge.ceilings)
         if blocked:
             await self._end(judge.block(blocked, "prompt"), stream=False)
-        calls = [(p.name, p.check_output(text)) for p in judge.providers] if text else []
+        text = texts.output_of(doc) if judge.output_providers else ""
+        calls = [(p.name, p.check_output(text)) for p in judge.output_providers] if text else []
         found, down = await judge_mod.gather(calls) if calls else ([], None)
         refusal = judge.decide([*foundry.output_findings(doc), *found], down, "output")
         if refusal is None:

@@ -35,6 +35,7 @@ class Judge:
         fields: dict[str, Any],
     ) -> None:
         self.providers = safety.providers
+        self.output_providers = safety.output_providers
         self.ceilings = ceilings
         self._metrics = metrics
         self._fields = fields

@@ -108,6 +108,7 @@ class LocalProvider:
         self._all = _Patterns(both) if both else None
         longest = max((len(t) for bl in settings.blocklists for t in bl.terms), default=0)
         self.overlap_chars = max(OVERLAP_CHARS, longest)
+        self.checks_output = self._blocklists is not None  # output is checked for blocklist terms only
 
     @property
     def active(self) -> bool:

@@ -19,6 +19,7 @@ class Provider(Protocol):
     name: str
     stream_batch_chars: int  # streamed output collected before one check (0: every event)
     overlap_chars: int  # text of one output check repeated at the start of the next
+    checks_output: bool  # False: check_output can find nothing (output text is then never gathered)
 
     async def start(self) -> None: ...
 
@@ -39,6 +40,7 @@ class Safety:
     def __init__(self, floor: model.SafetyFloor, providers: list[Provider]) -> None:
         self.floor = floor
         self.providers = tuple(providers)
+        self.output_providers = tuple(p for p in providers if p.checks_output)
 
     async def start(self) -> None:
         for p in self.providers:
