@@ -24,6 +24,9 @@ class BodyLimitMiddleware:
                 raise errors.InvalidRequest("Content-Length is not a number") from None
             if length > limit:
                 raise errors.PayloadTooLarge(f"request body exceeds {limit} bytes")
+            # The HTTP server delivers at most Content-Length bytes of body (what follows is the
+            # next request on the connection): nothing left to count.
+            return await self.app(scope, receive, send)
         seen = 0
 
         async def counting_receive() -> Message:

@@ -125,16 +125,17 @@ class MemoryStore:
         self, reservation_id: str, charges: Sequence[base.Charge], amount: int, *, deadline: float, now: float
     ) -> base.Outcome:
         self._sweep(now)
-        before = tuple(self._counter(ch.counter) for ch in charges)
+        before = tuple([self._counter(ch.counter) for ch in charges])
         if not base.admits(before, charges, amount):
             return base.Outcome(False, before)
+        cells = self._cells
         for ch in charges:
-            cell = self._cells.get(ch.counter)
+            cell = cells.get(ch.counter)
             if cell is None:
-                cell = self._cells[ch.counter] = _Cell(0, 0, ch.expires_at)
+                cell = cells[ch.counter] = _Cell(0, 0, ch.expires_at)
                 heapq.heappush(self._expiries, (ch.expires_at, ch.counter))
             cell.reserved += amount
-        held = Held(tuple(ch.counter for ch in charges), amount, deadline)
+        held = Held(tuple([ch.counter for ch in charges]), amount, deadline)
         self._held[reservation_id] = held
         if len(self._deadlines) > 2 * len(self._held) + COMPACT_FLOOR:
             self._deadlines = [(h.deadline, rid) for rid, h in self._held.items()]

@@ -123,6 +123,21 @@ def test_body_over_the_limit_is_413(router_server: Callable[..., Any]) -> None:
     assert httpx.get(f"{srv.url}/healthz").status_code == 200
 
 
+def test_a_body_longer_than_its_content_length_is_cut_there(router_server: Callable[..., Any]) -> None:
+    """The body limit trusts a declared Content-Length: the server hands the app no more than
+    that; the bytes after it are the next request on the connection."""
+    srv = with_echo(router_server(limits={"maxBodyBytes": 1024}))
+    head = f"POST /v1/echo-json HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token(srv)}\r\n"
+    next_request = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as sock:
+        sock.sendall(head.encode() + b'Content-Length: 8\r\n\r\n{"a": 1}' + next_request)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 200")
+    assert b'\r\n\r\n{"got":{"a":1}}HTTP/1.1 200' in reply  # then /healthz answered on its own
+
+
 def test_garbage_content_length_is_400(router_server: Callable[..., Any]) -> None:
     srv = router_server()
     with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as sock:
