@@ -88,7 +88,7 @@ def requested_output(body: Any) -> int | None:
     return most * choices
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)  # not frozen: built per request (see router.stores.base.Counter)
 class WorstCase:
     prompt: int  # the prompt estimate
     tokens: int  # what the request reserves

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)  # not frozen: built per request (see router.stores.base.Counter)
 class Usage:
     prompt_tokens: int
     completion_tokens: int

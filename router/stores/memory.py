@@ -26,7 +26,7 @@ class _Cell:
     expires_at: float
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)  # not frozen: built per request (see router.stores.base.Counter)
 class Held:
     counters: tuple[str, ...]
     amount: int
