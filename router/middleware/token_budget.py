@@ -149,6 +149,8 @@ class TokenBudgetMiddleware:
 class _Budgeted:
     """One budgeted request: reserve, forward, settle."""
 
+    __slots__ = ("fields", "mw", "now", "plan", "policies", "scope")
+
     def __init__(self, mw: TokenBudgetMiddleware, scope: Scope, plan: _Plan, now: float) -> None:
         self.mw = mw
         self.scope = scope

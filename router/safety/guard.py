@@ -118,6 +118,8 @@ def _content_type(message: Message) -> bytes:
 class OutputGuard:
     """Per request: ``send`` is what the transport gets (see the module docstring)."""
 
+    __slots__ = ("_ended", "_error", "_held", "_judge", "_lanes", "_mode", "_send", "_start", "_state")
+
     def __init__(self, send: Send, judge: judge_mod.Judge, state: dict[str, Any]) -> None:
         self._send = send
         self._state = state

@@ -27,6 +27,8 @@ OUTPUT_MESSAGE = "The model output was filtered by the content-safety policy ({}
 
 
 class Judge:
+    __slots__ = ("_fields", "_metrics", "ceilings", "output_providers", "providers")
+
     def __init__(
         self,
         safety: providers.Safety,
