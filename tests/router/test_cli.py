@@ -18,6 +18,16 @@ from tests.support import servers, waiting
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def wait_ready(url: str) -> None:
+    def ready() -> bool:
+        try:
+            return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    waiting.until(ready, timeout_s=20, what="the router to be ready")
+
+
 def test_router_starts_on_embedded_defaults_and_prints_a_working_token(tmp_path: Path) -> None:
     port = servers.free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("KARS_")}
@@ -35,14 +45,7 @@ def test_router_starts_on_embedded_defaults_and_prints_a_working_token(tmp_path:
         assert "dev token for sandbox default/dev" in header
         token = proc.stderr.readline().strip()
         url = f"http://127.0.0.1:{port}"
-
-        def ready() -> bool:
-            try:
-                return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        waiting.until(ready, timeout_s=20, what="the router to be ready")
+        wait_ready(url)
         resp = httpx.get(f"{url}/v1/whoami", headers={"Authorization": f"Bearer {token}"})
         assert resp.json()["principal"] == "default/dev"
         assert (tmp_path / "kars-dev-key.pem").stat().st_mode & 0o077 == 0
@@ -151,14 +154,7 @@ def test_the_served_router_ignores_x_forwarded_for(tmp_path: Path) -> None:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-
-        def ready() -> bool:
-            try:
-                return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        waiting.until(ready, timeout_s=20, what="the router to be ready")
+        wait_ready(url)
         forged = {"X-Forwarded-For": "10.1.2.3", "X-A2A-Agent-Subject": "team-b/boss"}
         resp = httpx.get(f"{url}/v1/whoami", headers=forged)
         assert resp.status_code == 401, resp.text
