@@ -13,7 +13,7 @@ Two changes, both process-wide, so the command that owns the process applies the
 embedders of ``build_app`` keep the interpreter's defaults):
 
 - ``server.gcThreshold`` raises the youngest generation's threshold (default 10,000, from 700):
-  the same garbage is found, with a tenth of the walks over the requests in flight.
+  the same garbage is found, with one walk over the requests in flight where there were ~14.
 - ``server.gcFreeze`` moves everything alive once the router is ready into the permanent
   generation (``gc.freeze()``), so no collection walks the start-up heap again. After each policy
   reload the heap is unfrozen, collected once (cycles in the snapshot just replaced are freed
