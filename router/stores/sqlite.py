@@ -7,7 +7,9 @@ file: what changed is written in one transaction on the store's own thread, at m
 back, reservations included, so a restart keeps the usage, and a crashed router's reservations
 are released by deadline (``router.stores.base``). A crash loses at most the changes of the last
 ``FLUSH_INTERVAL_S``: reservations that would have been released anyway, and the settled usage
-of the requests that ended in that time.
+of the requests that ended in that time. A reservation reserved and ended between two writes
+never reaches the file and costs no SQL: the store's thread knows which reservations the file
+holds, and deletes only those.
 
 One process owns the file: ``open`` takes an exclusive lock (``flock`` on ``<path>.lock``), and
 a second router pointed at the same file fails to start and says so. Replicas that share
@@ -77,6 +79,9 @@ class SqliteStore:
         self._error: str | None = None  # of the last write, until one succeeds
         self._sleeping = False  # the flusher waits for its next turn (and may be cancelled)
         self._closing = False
+        # Reservations the file holds as of the last COMMIT. Touched only on the store's one thread
+        # (_connect, _write, _disconnect), so it needs no lock with the event loop.
+        self._on_disk: set[str] = set()
 
     # -- the thread ---------------------------------------------------------------------------
 
@@ -116,12 +121,14 @@ class SqliteStore:
             str(i): memory.Held(tuple(str(c).split(_SEP)), int(a), float(d))
             for i, d, a, c in db.execute("SELECT id, deadline, amount, counters FROM reservations")
         }
+        self._on_disk = set(held)
         return cells, held
 
     def _disconnect(self) -> None:
         if self._db is not None:
             self._db.close()
             self._db = None
+        self._on_disk = set()
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # and with it the lock
             self._lock_fd = None
@@ -132,7 +139,8 @@ class SqliteStore:
             raise sqlite3.ProgrammingError("the database is closed")
         gone = [(c,) for c, cell in changes.cells.items() if cell is None]
         cells = [(c, *cell) for c, cell in changes.cells.items() if cell is not None]
-        ended = [(rid,) for rid, held in changes.held.items() if held is None]
+        # Ended before it was ever written (most are: reserved and settled within one flush): no SQL.
+        ended = [(rid,) for rid, held in changes.held.items() if held is None and rid in self._on_disk]
         held = [(rid, h.deadline, h.amount, _SEP.join(h.counters)) for rid, h in changes.held.items() if h is not None]
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -144,7 +152,9 @@ class SqliteStore:
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
-            raise
+            raise  # _on_disk unchanged: the retry deletes what the file still holds
+        self._on_disk.difference_update(rid for (rid,) in ended)
+        self._on_disk.update(row[0] for row in held)
 
     # -- writing behind -----------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ import time
 import tracemalloc
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -229,6 +230,113 @@ async def test_sqlite_a_failed_write_keeps_counting_and_is_retried(
     await s.open()
     try:
         assert await s.read(["a"]) == [base.Counter(4, 30)]
+    finally:
+        await s.close()
+
+
+def reservations_on_disk(path: Path) -> set[str]:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return {str(row[0]) for row in db.execute("SELECT id FROM reservations")}
+
+
+def log_deletes(path: Path) -> None:
+    """From now on the file logs every reservation row deleted from it (a trigger, in its own table)."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.executescript(
+            "CREATE TABLE deleted (id TEXT NOT NULL);"
+            "CREATE TRIGGER log_delete AFTER DELETE ON reservations BEGIN INSERT INTO deleted VALUES (old.id); END;"
+        )
+
+
+def deletes_logged(path: Path) -> list[str]:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return [str(row[0]) for row in db.execute("SELECT id FROM deleted ORDER BY rowid")]
+
+
+@pytest.fixture
+def statements(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The SQL run by every connection opened in the test, values bound in. The trace is set by the
+    thread that opens the connection, which is the thread that uses it (the store's own)."""
+    seen: list[str] = []
+    connect = sqlite3.connect
+
+    def traced(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        db = connect(*args, **kwargs)
+        db.set_trace_callback(seen.append)
+        return db
+
+    monkeypatch.setattr(sqlite3, "connect", traced)
+    return seen
+
+
+async def test_sqlite_a_reservation_that_never_reached_the_file_costs_no_sql(
+    tmp_path: Path, statements: list[str]
+) -> None:
+    """Under load most reservations are reserved and settled within one flush: the file never holds
+    them, and a DELETE for each would be ~100 useless statements in every transaction. (A DELETE of
+    a missing row fires no trigger, hence the trace.)"""
+    path = tmp_path / "budgets.db"
+    s = sqlite.SqliteStore(path)
+    await s.open()
+    try:
+        log_deletes(path)
+        await reserve(s, "kept", [charge("a", 100)], 10)
+        await waiting.until_async(lambda: reservations_on_disk(path) == {"kept"}, what="the reservation on disk")
+        await reserve(s, "quick", [charge("a", 100)], 20)
+        await s.settle("quick", ["a"], 3)  # no await here yields to the flusher: both in one window
+        await s.settle("kept", ["a"], 7)
+        await waiting.until_async(lambda: on_disk(path, "a") == (10, 0), what="the settles on disk")
+        assert reservations_on_disk(path) == set()
+        assert deletes_logged(path) == ["kept"]  # the one the file held is deleted
+        deletes = {q for q in statements if q.startswith("DELETE FROM reservations")}  # a trigger repeats it
+        assert deletes == {"DELETE FROM reservations WHERE id = 'kept'"}  # and "quick" cost no SQL
+    finally:
+        await s.close()
+
+
+async def test_sqlite_a_reservation_read_back_at_open_is_deleted_when_it_ends(tmp_path: Path) -> None:
+    path = tmp_path / "budgets.db"
+    s = sqlite.SqliteStore(path)
+    await s.open()
+    await reserve(s, "r1", [charge("a", 100)], 10)  # in flight when the router stops
+    await s.close()
+    assert reservations_on_disk(path) == {"r1"}
+    log_deletes(path)
+    s = sqlite.SqliteStore(path)
+    await s.open()
+    try:
+        await s.settle("r1", ["a"], 4)
+        await waiting.until_async(lambda: not reservations_on_disk(path), what="the reservation deleted")
+        assert deletes_logged(path) == ["r1"]
+    finally:
+        await s.close()
+    s = sqlite.SqliteStore(path)
+    await s.open()
+    try:
+        assert await s.read(["a"]) == [base.Counter(4, 0)]  # not held again after a restart
+    finally:
+        await s.close()
+
+
+async def test_sqlite_a_delete_in_a_failed_write_is_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rolled-back DELETE leaves the row in the file: the retry must still know it is there."""
+    monkeypatch.setattr(sqlite, "RETRY_INTERVAL_S", 0.05)
+    path = tmp_path / "budgets.db"
+    s = sqlite.SqliteStore(path)
+    await s.open()
+    try:
+        await reserve(s, "r0", [charge("a", 100)], 10)
+        await waiting.until_async(lambda: reservations_on_disk(path) == {"r0"}, what="the reservation on disk")
+        with contextlib.closing(sqlite3.connect(path)) as db:  # every write to the counters now fails
+            db.execute("CREATE TRIGGER fail BEFORE UPDATE ON counters BEGIN SELECT RAISE(ABORT, 'disk on fire'); END")
+        await s.settle("r0", ["a"], 4)
+        assert "disk on fire" in await waiting.until_async(s.ping, what="the failed write reported")
+        assert reservations_on_disk(path) == {"r0"}  # rolled back
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            db.execute("DROP TRIGGER fail")
+        await waiting.until_async(lambda: not reservations_on_disk(path), what="the retried delete")
+        assert on_disk(path, "a") == (4, 0)
+        assert await s.ping() is None
     finally:
         await s.close()
 
