@@ -4,7 +4,8 @@ Layers that must see the body before forwarding (token budget, content safety, t
 transport) call ``read`` or ``read_json``; the first call drains ``receive`` (the body-limit
 layer has already capped it) and caches the bytes in the scope state; each later layer gets
 the cached copy. ``replay`` gives the layer below a ``receive`` that yields the cached body and
-then passes through to the real one (so a client disconnect is still seen).
+then passes through to the channel the body was read from (so a client disconnect is still seen),
+however many layers replayed it: one hop, not one per layer.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import orjson
 from starlette.types import Message, Receive, Scope
 
 from router import _asgi, errors
+
+SOURCE = "kars.body_source"  # the receive the body was read from (the channel that follows it)
 
 
 async def read(scope: Scope, receive: Receive) -> bytes:
@@ -32,6 +35,7 @@ async def read(scope: Scope, receive: Receive) -> bytes:
             break
     body = b"".join(chunks)
     st[_asgi.BODY] = body
+    st[SOURCE] = receive
     return body
 
 
@@ -49,11 +53,22 @@ async def read_json(scope: Scope, receive: Receive) -> Any:
     return parsed
 
 
+def source(scope: Scope, receive: Receive) -> Receive:
+    """The channel after the body: where ``read`` drained it from (``receive`` if not read yet).
+
+    What waits for ``http.disconnect`` once the body is in hand (the inference transport's
+    watcher) listens here, past every layer's replay.
+    """
+    return _asgi.state(scope).get(SOURCE, receive)  # type: ignore[no-any-return]
+
+
 def replay(scope: Scope, receive: Receive) -> Receive:
-    """A ``receive`` for the next layer: the cached body first, then the real channel."""
-    body = _asgi.state(scope).get(_asgi.BODY)
+    """A ``receive`` for the next layer: the cached body first, then the channel it was read from."""
+    st = _asgi.state(scope)
+    body = st.get(_asgi.BODY)
     if body is None:
         return receive
+    rest: Receive = st[SOURCE]
     sent = False
 
     async def replaying() -> Message:
@@ -61,6 +76,6 @@ def replay(scope: Scope, receive: Receive) -> Receive:
         if not sent:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
+        return await rest()
 
     return replaying
