@@ -15,6 +15,11 @@ SNAPSHOT = "kars.snapshot"
 
 
 def state(scope: Scope) -> dict[str, Any]:
+    """``scope["state"]``, made if missing: for scopes from outside the app.
+
+    Inside the app (``router.app``) every http and websocket scope has one, and the layers read
+    ``scope["state"]`` directly.
+    """
     st = scope.get("state")
     if st is None:
         st = scope["state"] = {}

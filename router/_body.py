@@ -21,7 +21,7 @@ SOURCE = "kars.body_source"  # the receive the body was read from (the channel t
 
 
 async def read(scope: Scope, receive: Receive) -> bytes:
-    st = _asgi.state(scope)
+    st = scope["state"]
     cached = st.get(_asgi.BODY)
     if cached is not None:
         return cached  # type: ignore[no-any-return]
@@ -41,7 +41,7 @@ async def read(scope: Scope, receive: Receive) -> bytes:
 
 async def read_json(scope: Scope, receive: Receive) -> Any:
     """The body parsed as JSON (cached); malformed JSON is a 400 ``invalid_request``."""
-    st = _asgi.state(scope)
+    st = scope["state"]
     if _asgi.JSON in st:
         return st[_asgi.JSON]
     body = await read(scope, receive)
@@ -59,12 +59,12 @@ def source(scope: Scope, receive: Receive) -> Receive:
     What waits for ``http.disconnect`` once the body is in hand (the inference transport's
     watcher) listens here, past every layer's replay.
     """
-    return _asgi.state(scope).get(SOURCE, receive)  # type: ignore[no-any-return]
+    return scope["state"].get(SOURCE, receive)  # type: ignore[no-any-return]
 
 
 def replay(scope: Scope, receive: Receive) -> Receive:
     """A ``receive`` for the next layer: the cached body first, then the channel it was read from."""
-    st = _asgi.state(scope)
+    st = scope["state"]
     body = st.get(_asgi.BODY)
     if body is None:
         return receive

@@ -18,7 +18,7 @@ import httpx
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import BaseRoute, Route, WebSocketRoute
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from router import budget_api, ops, stores
 from router.identity import devtokens, jwks, verifier
@@ -74,6 +74,16 @@ class _App(Starlette):
     ``ErrorMiddleware`` is the one error boundary and renders Starlette's 404/405 too; the two
     would only wrap every request and every ``send`` twice more on the hot path.
     """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope["app"] = self
+        if "state" not in scope and scope["type"] != "lifespan":
+            # Every layer keeps its per-request values in scope["state"] (ASGI's lifespan-state
+            # extension, which uvicorn provides); a server without it gets one here.
+            scope["state"] = {}
+        if self.middleware_stack is None:
+            self.middleware_stack = self.build_middleware_stack()
+        await self.middleware_stack(scope, receive, send)
 
     def build_middleware_stack(self) -> ASGIApp:
         app: ASGIApp = self.router

@@ -48,23 +48,24 @@ def _is_count(value: Any) -> bool:
 def estimate_prompt_tokens(body: Any) -> int:
     """A cheap estimate of the prompt tokens in a request body (see the module docstring)."""
     chars = extra_bytes = numbers = images = 0
-    stack = [body]
+    # Containers wait on a stack; the values of one are counted in a plain loop (most are strings).
+    stack = [body.values() if type(body) is dict else body if type(body) is list else (body,)]
     while stack:
-        value = stack.pop()
-        kind = type(value)  # the parsed body holds exact JSON types: no isinstance chain per value
-        if kind is str:
-            if value.startswith("data:"):
-                images += 1
-            else:
-                chars += len(value)
-                if not value.isascii():
-                    extra_bytes += len(value.encode("utf-8", "surrogatepass")) - len(value)
-        elif kind is dict:
-            stack.extend(value.values())
-        elif kind is list:
-            stack.extend(value)
-        elif kind is int or kind is float:  # not bool: true/false are not numbers here
-            numbers += 1
+        for value in stack.pop():
+            kind = type(value)  # the parsed body holds exact JSON types: no isinstance chain per value
+            if kind is str:
+                if value.startswith("data:"):
+                    images += 1
+                else:
+                    chars += len(value)
+                    if not value.isascii():
+                        extra_bytes += len(value.encode("utf-8", "surrogatepass")) - len(value)
+            elif kind is dict:
+                stack.append(value.values())
+            elif kind is list:
+                stack.append(value)
+            elif kind is int or kind is float:  # not bool: true/false are not numbers here
+                numbers += 1
     text = chars / ASCII_CHARS_PER_TOKEN + extra_bytes * TOKENS_PER_EXTRA_UTF8_BYTE
     return math.ceil(text + numbers + images * DATA_URL_TOKENS) + PROMPT_OVERHEAD_TOKENS
 

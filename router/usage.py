@@ -23,18 +23,22 @@ class Usage:
         """Chat/completions/embeddings (``prompt_tokens``...) or Responses (``input_tokens``...)."""
         if not isinstance(usage, Mapping):
             return None
-
-        def count(*names: str) -> int | None:
-            for name in names:
-                value = usage.get(name)
-                if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-                    return value
-            return None
-
-        prompt = count("prompt_tokens", "input_tokens")
-        completion = count("completion_tokens", "output_tokens") or 0
-        total = count("total_tokens")
+        prompt = _count(usage, "prompt_tokens", "input_tokens")
+        completion = _count(usage, "completion_tokens", "output_tokens") or 0
+        total = _count(usage, "total_tokens")
         if prompt is None and total is None:
             return None
         prompt = prompt or 0
         return cls(prompt, completion, total if total is not None else prompt + completion)
+
+
+def _count(usage: Mapping[str, Any], name: str, other: str | None = None) -> int | None:
+    """The first of the fields ``name``, ``other`` that holds a token count."""
+    value = usage.get(name)
+    if type(value) is int and value >= 0:  # exactly int: JSON true (bool) is no count
+        return value
+    if other is not None:
+        value = usage.get(other)
+        if type(value) is int and value >= 0:
+            return value
+    return None

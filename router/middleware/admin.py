@@ -34,5 +34,5 @@ class AdminGateMiddleware:
             scheme, _, presented = auth.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(presented.strip(), self._token):
                 raise errors.Unauthenticated("invalid admin token")
-        _asgi.state(scope)[_asgi.PRINCIPAL] = principal.ADMIN
+        scope["state"][_asgi.PRINCIPAL] = principal.ADMIN
         await self.app(scope, receive, send)

@@ -51,7 +51,7 @@ class ContentSafetyMiddleware:
             return await self.app(scope, receive, send)
         if not _asgi.is_json(_asgi.header(scope, b"content-type")):
             return await self.app(scope, receive, send)
-        st = _asgi.state(scope)
+        st = scope["state"]
         ceilings = self._ceilings(st, route.action)
         judge = judge_mod.Judge(self._safety, ceilings, self._metrics, st.setdefault(_asgi.LOG_FIELDS, {}))
         doc = await _body.read_json(scope, receive)

@@ -55,7 +55,7 @@ class IdentityMiddleware:
         if scope["type"] not in ("http", "websocket") or scope["path"] in EXEMPT_PATHS:
             return await self.app(scope, receive, send)
         subject = self._take_subject(scope)
-        st = _asgi.state(scope)
+        st = scope["state"]
         if _asgi.PRINCIPAL not in st:  # the admin gate may have decided already
             try:
                 principal = await self._identify(scope, subject)
@@ -84,7 +84,7 @@ class IdentityMiddleware:
         token = _bearer(scope)
         if token is not None:
             if self._policy is not None and _names_an_agent(token, self._policy):
-                _asgi.state(scope)[SIGNED_REQUEST] = token
+                scope["state"][SIGNED_REQUEST] = token
                 return None
             return await self._verifier.verify(token)
         if subject is not None:

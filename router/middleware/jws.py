@@ -80,7 +80,7 @@ class JwsMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
-        st = _asgi.state(scope)
+        st = scope["state"]
         token = st.pop(identity.SIGNED_REQUEST, None)
         if token is not None:
             receive = await self._verify_request(scope, receive, token)
@@ -111,11 +111,11 @@ class JwsMiddleware:
             if exc.reason == "replay_cache_full":
                 raise errors.TooManyRequests(exc.message, headers={"Retry-After": "5"}) from None
             raise errors.Unauthenticated(f"signed request rejected: {exc.message}") from None
-        _asgi.state(scope)[_asgi.PRINCIPAL] = principal
+        scope["state"][_asgi.PRINCIPAL] = principal
         return _body.replay(scope, receive) if scope["type"] == "http" else receive
 
     def _refuse_unsigned_agent(self, scope: Scope) -> None:
-        principal = _asgi.state(scope).get(_asgi.PRINCIPAL)
+        principal = scope["state"].get(_asgi.PRINCIPAL)
         if principal is None or principal.kind != "agent" or principal.mode == "signed-request":
             return
         agent = self._policy.snapshot.a2a_agent(principal.namespace, principal.name)
@@ -128,7 +128,7 @@ class JwsMiddleware:
 
     def _signed_card_agent(self, scope: Scope) -> model.A2AAgent | None:
         name = card_agent(scope["path"])
-        principal = _asgi.state(scope).get(_asgi.PRINCIPAL)
+        principal = scope["state"].get(_asgi.PRINCIPAL)
         if name is None or principal is None:
             return None
         agent = self._policy.snapshot.a2a_agent(principal.namespace, name)

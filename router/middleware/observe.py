@@ -44,7 +44,7 @@ class ObserveMiddleware:
             return await self.app(scope, receive, send)
         start = time.perf_counter()
         fields: dict[str, Any] = {}
-        _asgi.state(scope)[_asgi.LOG_FIELDS] = fields
+        scope["state"][_asgi.LOG_FIELDS] = fields
         status = 0
         sent = 0
 
@@ -74,7 +74,7 @@ class ObserveMiddleware:
             self._metrics.requests.labels(route, method, str(status)).inc()
             self._metrics.latency.labels(route).observe(elapsed)
             if self._access.enabled:
-                principal = _asgi.state(scope).get(_asgi.PRINCIPAL)
+                principal = scope["state"].get(_asgi.PRINCIPAL)
                 line = {
                     "principal": principal.id if principal is not None else None,
                     "method": method,

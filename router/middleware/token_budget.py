@@ -133,7 +133,7 @@ class TokenBudgetMiddleware:
         if scope["type"] != "http" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         route = inference.classify(scope["path"])
-        st = _asgi.state(scope)
+        st = scope["state"]
         principal = st.get(_asgi.PRINCIPAL)
         if route is None or not route.generates or principal is None:
             return await self.app(scope, receive, send)
@@ -157,7 +157,7 @@ class _Budgeted:
         self.plan = plan
         self.policies = plan.policies
         self.now = now
-        self.fields: dict[str, Any] = _asgi.state(scope).setdefault(_asgi.LOG_FIELDS, {})
+        self.fields: dict[str, Any] = scope["state"].setdefault(_asgi.LOG_FIELDS, {})
 
     async def run(self, action: str, body: Any, receive: Receive, send: Send) -> None:
         mw, m, plan, now = self.mw, self.mw._metrics, self.plan, self.now
@@ -240,7 +240,7 @@ class _Budgeted:
         )
 
     async def _finish(self, rid: str, reserved: int) -> None:
-        st = _asgi.state(self.scope)
+        st = self.scope["state"]
         usage = st.get(_asgi.USAGE)
         store, plan = self.mw._store, self.plan
         if usage is not None:

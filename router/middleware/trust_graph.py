@@ -62,7 +62,7 @@ class TrustGraphMiddleware:
         path: str = scope["path"]
         if not (path.startswith(A2A_PREFIX) or path.startswith(MESH_PREFIX)):
             return await self.app(scope, receive, send)
-        st = _asgi.state(scope)
+        st = scope["state"]
         principal = st.get(_asgi.PRINCIPAL)
         if principal is None:  # identity always sets one on these routes; never admit without it
             raise errors.Unauthenticated("no verified caller", code="missing_credentials")

@@ -16,26 +16,30 @@ from router.safety import verdict
 
 PROVIDER = "foundry"
 _ATTACKS = (verdict.JAILBREAK, verdict.INDIRECT)
+_ORDER = {category: i for i, category in enumerate((*verdict.HARM, *_ATTACKS))}  # findings in this order
 
 
 def _results(results: Any, out: list[verdict.Finding], *, only_filtered: bool = False) -> None:
     if not isinstance(results, dict):
         return
-    for category in verdict.HARM:
-        entry = results.get(category)
-        if not isinstance(entry, dict):
+    first = len(out)
+    # One pass over what is there (every reply carries these; nearly all say "safe").
+    for category, entry in results.items():
+        if not isinstance(entry, dict) or category not in _ORDER:
+            continue
+        if category in _ATTACKS:
+            if entry.get("detected") is True and (entry.get("filtered") or not only_filtered):
+                out.append(verdict.Finding(category, PROVIDER))
             continue
         severity = entry.get("severity", "")
-        if severity == "safe":  # rank 0, under every ceiling: no finding (nearly every annotation)
+        if severity == "safe":  # rank 0, under every ceiling: no finding
             continue
         if entry.get("filtered") is True or not only_filtered:
             rank = verdict.RANK.get(str(severity).lower())
             if rank:
                 out.append(verdict.Finding(category, PROVIDER, rank))
-    for category in _ATTACKS:
-        entry = results.get(category)
-        if isinstance(entry, dict) and entry.get("detected") is True and (entry.get("filtered") or not only_filtered):
-            out.append(verdict.Finding(category, PROVIDER))
+    if len(out) - first > 1:  # harm categories first, then attacks, whatever the upstream's order
+        out[first:] = sorted(out[first:], key=lambda f: _ORDER[f.category])
 
 
 def prompt_findings(doc: Any) -> list[verdict.Finding]:

@@ -65,21 +65,20 @@ class Link:
             task.cancel()
 
 
-def _headers(raw: tuple[tuple[bytes, bytes], ...], *, keep_length: bool) -> list[tuple[bytes, bytes]]:
-    drop = _DROP_RESPONSE if keep_length else _DROP_RESPONSE | {b"content-length"}
-    out = []
-    for key, value in raw:
-        low = key.lower()
-        if low not in drop:
-            out.append((low, value))
-    return out
+def _headers(raw: tuple[tuple[bytes, bytes], ...]) -> list[tuple[bytes, bytes]]:
+    """The reply's headers to relay: names lower-cased, hop-by-hop and server-set ones dropped."""
+    return [(low, value) for key, value in raw if (low := key.lower()) not in _DROP_RESPONSE]
 
 
-def _content_type(raw: tuple[tuple[bytes, bytes], ...]) -> bytes:
-    for key, value in raw:
-        if key.lower() == b"content-type":
+def _content_type(headers: list[tuple[bytes, bytes]]) -> bytes:
+    for key, value in headers:
+        if key == b"content-type":
             return value.lower()
     return b""
+
+
+def _without_length(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    return [h for h in headers if h[0] != b"content-length"]
 
 
 def _usage_in_tail(tail: bytes) -> usage_mod.Usage | None:
@@ -104,17 +103,20 @@ async def relay(
     on_error: Callable[[str], None],
 ) -> usage_mod.Usage | None:
     """Send ``reply`` to the caller; the usage it reported, if any (``on_error`` counts a broken stream)."""
-    ctype = _content_type(reply.headers)
+    headers = _headers(reply.headers)
+    ctype = _content_type(headers)
     ok = 200 <= reply.status < 300
     if ctype.startswith(b"text/event-stream"):
-        found = await _relay_sse(scope, send, reply, link, ok=ok, strip=strip_usage_chunk, on_error=on_error)
+        found = await _relay_sse(
+            scope, send, reply, link, _without_length(headers), ok=ok, strip=strip_usage_chunk, on_error=on_error
+        )
     elif ok and _asgi.is_json(ctype):
-        found = await _relay_json(scope, send, reply, link)
+        found = await _relay_json(scope, send, reply, link, headers)
     else:
-        await _relay_raw(scope, send, reply, link, ok=ok)
+        await _relay_raw(scope, send, reply, link, headers, ok=ok)
         found = None
     if found is not None:
-        _asgi.state(scope)[_asgi.USAGE] = found
+        scope["state"][_asgi.USAGE] = found
     return found
 
 
@@ -128,7 +130,9 @@ async def _chunks(reply: http_mod.Response, link: Link) -> AsyncIterator[bytes]:
         yield chunk
 
 
-async def _relay_json(scope: Scope, send: Send, reply: http_mod.Response, link: Link) -> usage_mod.Usage | None:
+async def _relay_json(
+    scope: Scope, send: Send, reply: http_mod.Response, link: Link, headers: list[tuple[bytes, bytes]]
+) -> usage_mod.Usage | None:
     data, complete = await link.wait(reply.read(MAX_JSON_BYTES))
     if complete:
         try:
@@ -136,17 +140,16 @@ async def _relay_json(scope: Scope, send: Send, reply: http_mod.Response, link: 
         except ValueError:
             raise errors.UpstreamError("the upstream sent a malformed JSON reply") from None
         found = usage_mod.Usage.from_payload(doc.get("usage")) if isinstance(doc, dict) else None
-        headers = _headers(reply.headers, keep_length=False)
+        headers = _without_length(headers)
         headers.append((b"content-length", str(len(data)).encode()))
-        st = _asgi.state(scope)
+        st = scope["state"]
         st[_asgi.REPLY_JSON] = (data, doc)  # the content-safety guard reads this body: no second parse
         await send({"type": "http.response.start", "status": reply.status, "headers": headers})
         st[_asgi.UPSTREAM_OUTPUT] = True
         await send({"type": "http.response.body", "body": data})
         return found
-    headers = _headers(reply.headers, keep_length=True)
     await send({"type": "http.response.start", "status": reply.status, "headers": headers})
-    _asgi.state(scope)[_asgi.UPSTREAM_OUTPUT] = True
+    scope["state"][_asgi.UPSTREAM_OUTPUT] = True
     await send({"type": "http.response.body", "body": data, "more_body": True})
     tail = data[-TAIL_BYTES:]
     async for chunk in _chunks(reply, link):
@@ -156,12 +159,13 @@ async def _relay_json(scope: Scope, send: Send, reply: http_mod.Response, link: 
     return _usage_in_tail(tail)
 
 
-async def _relay_raw(scope: Scope, send: Send, reply: http_mod.Response, link: Link, *, ok: bool) -> None:
-    headers = _headers(reply.headers, keep_length=True)
+async def _relay_raw(
+    scope: Scope, send: Send, reply: http_mod.Response, link: Link, headers: list[tuple[bytes, bytes]], *, ok: bool
+) -> None:
     await send({"type": "http.response.start", "status": reply.status, "headers": headers})
     async for chunk in _chunks(reply, link):
         if ok:
-            _asgi.state(scope)[_asgi.UPSTREAM_OUTPUT] = True
+            scope["state"][_asgi.UPSTREAM_OUTPUT] = True
         await send({"type": "http.response.body", "body": chunk, "more_body": True})
     await send({"type": "http.response.body", "body": b""})
 
@@ -171,15 +175,15 @@ async def _relay_sse(
     send: Send,
     reply: http_mod.Response,
     link: Link,
+    headers: list[tuple[bytes, bytes]],
     *,
     ok: bool,
     strip: bool,
     on_error: Callable[[str], None],
 ) -> usage_mod.Usage | None:
     observer = _sse.StreamObserver(strip_usage_chunk=strip)
-    headers = _headers(reply.headers, keep_length=False)
     await send({"type": "http.response.start", "status": reply.status, "headers": headers})
-    st = _asgi.state(scope)
+    st = scope["state"]
     try:
         async for chunk in _chunks(reply, link):
             out = observer.feed(chunk)

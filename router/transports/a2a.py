@@ -128,7 +128,7 @@ class A2ATransport:
     # -- helpers ----------------------------------------------------------------------------
 
     def _agent(self, scope: Scope) -> model.A2AAgent:
-        principal = _asgi.state(scope).get(_asgi.PRINCIPAL)
+        principal = scope["state"].get(_asgi.PRINCIPAL)
         name = scope["path_params"]["agent"]
         agent = self._policy.snapshot.a2a_agent(principal.namespace, name) if principal is not None else None
         if agent is None:
@@ -166,7 +166,7 @@ class A2ATransport:
         if method not in methods:
             message = f"method {method!r} is not an A2A {version} method"
             return await self._answer(send, _jsonrpc_error(request_id, METHOD_NOT_FOUND, message))
-        fields = _asgi.state(scope).get(_asgi.LOG_FIELDS)
+        fields = scope["state"].get(_asgi.LOG_FIELDS)
         if isinstance(fields, dict):
             fields["a2aMethod"] = method
 

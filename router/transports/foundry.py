@@ -25,8 +25,8 @@ from typing import Any
 from urllib.parse import quote
 
 import orjson
-from starlette.routing import BaseRoute, Route
-from starlette.types import Receive, Scope, Send
+from starlette.routing import BaseRoute, Match, NoMatchFound
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from router import _asgi, _body, errors, inference
 from router.observability import metrics as metrics_mod
@@ -109,8 +109,8 @@ class FoundryTransport:
     def routes(self) -> tuple[list[BaseRoute], list[BaseRoute]]:
         """Routes owned outright (``/openai/...``, ``/models/...``) and the ``/v1/...`` catch-all,
         which must come after the router's own ``/v1`` routes."""
-        owned: list[BaseRoute] = [Route(p, _Entry(self)) for p in ("/openai/{path:path}", "/models/{path:path}")]
-        return owned, [Route("/v1/{path:path}", _Entry(self))]
+        owned: list[BaseRoute] = [PrefixRoute(p, _Entry(self)) for p in ("/openai/{path:path}", "/models/{path:path}")]
+        return owned, [PrefixRoute("/v1/{path:path}", _Entry(self))]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = inference.classify(scope["path"])
@@ -210,7 +210,7 @@ class FoundryTransport:
         self._metrics.upstream_errors.labels(UPSTREAM, code).inc()
 
     def _preference(self, scope: Scope, route: inference.InferenceRoute) -> model.ModelPreference | None:
-        st = _asgi.state(scope)
+        st = scope["state"]
         principal = st.get(_asgi.PRINCIPAL)
         if principal is None or principal.kind != "sandbox":
             return None
@@ -222,7 +222,7 @@ class FoundryTransport:
         return None
 
     def _account(self, scope: Scope, deployment: str | None, found: Any) -> None:
-        st = _asgi.state(scope)
+        st = scope["state"]
         fields = st.get(_asgi.LOG_FIELDS)
         if fields is not None and deployment is not None:
             fields["deployment"] = deployment
@@ -234,6 +234,31 @@ class FoundryTransport:
         if fields is not None:
             fields["promptTokens"] = found.prompt_tokens
             fields["completionTokens"] = found.completion_tokens
+
+
+class PrefixRoute(BaseRoute):
+    """Every HTTP path under one prefix (``/openai/{path:path}``), any method, to one ASGI app.
+
+    Starlette's ``Route`` would match the busiest routes of the router with a regex and build
+    path parameters that nothing reads (the transport classifies ``scope["path"]`` itself); a
+    prefix test is enough. ``path`` keeps the template, which metrics and logs name the route by.
+    """
+
+    def __init__(self, path: str, endpoint: ASGIApp) -> None:
+        self.path = path
+        self.prefix = path.partition("{")[0]
+        self.endpoint = endpoint
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        if scope["type"] == "http" and scope["path"].startswith(self.prefix):
+            return Match.FULL, {"endpoint": self.endpoint}
+        return Match.NONE, {}
+
+    def url_path_for(self, name: str, /, **path_params: Any) -> Any:
+        raise NoMatchFound(name, path_params)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.endpoint(scope, receive, send)
 
 
 class _Entry:

@@ -99,7 +99,7 @@ class MeshHub:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The ASGI endpoint of ``/mesh/{ns}/{name}`` (a WebSocket route)."""
-        principal = _asgi.state(scope).get(_asgi.PRINCIPAL)
+        principal = scope["state"].get(_asgi.PRINCIPAL)
         if principal is None:
             raise errors.Unauthenticated("no verified caller", code="missing_credentials")
         params = scope.get("path_params", {})

@@ -40,7 +40,7 @@ def check_origin(scope: Any, patterns: tuple[str, ...]) -> None:
 
 
 def principal(scope: Any) -> principal_mod.Principal:
-    who = _asgi.state(scope).get(_asgi.PRINCIPAL)
+    who = scope["state"].get(_asgi.PRINCIPAL)
     if who is None:
         raise errors.Unauthenticated("no principal", code="missing_credentials")
     return who  # type: ignore[no-any-return]

@@ -61,7 +61,7 @@ class MessagesEndpoint:
             raise streamable.UnsupportedMediaType("Content-Type must be application/json")
         body = await _body.read_json(scope, receive)
         for message in streamable._messages(body):
-            raw = _asgi.state(scope)[_asgi.BODY] if not isinstance(body, list) else _wire.dumps(message).encode()
+            raw = scope["state"][_asgi.BODY] if not isinstance(body, list) else _wire.dumps(message).encode()
             await self.gw.dispatch(session, message, raw, session.main)
         await send({"type": "http.response.start", "status": 202, "headers": [(b"content-length", b"8")]})
         await send({"type": "http.response.body", "body": b"Accepted"})

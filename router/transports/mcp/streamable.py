@@ -91,7 +91,7 @@ class StreamableEndpoint:
             session = await self.gw.open(scope, scope["path_params"]["server"], "streamable")
         else:
             session = self._session(scope)
-        raws = [_asgi.state(scope)[_asgi.BODY]] if len(messages) == 1 else [_wire.dumps(m).encode() for m in messages]
+        raws = [scope["state"][_asgi.BODY]] if len(messages) == 1 else [_wire.dumps(m).encode() for m in messages]
         if not any(_wire.is_request(m) for m in messages):
             for message, raw in zip(messages, raws, strict=True):
                 await self.gw.dispatch(session, message, raw, session.main)
