@@ -4,8 +4,8 @@ Layers that must see the body before forwarding (token budget, content safety, t
 transport) call ``read`` or ``read_json``; the first call drains ``receive`` (the body-limit
 layer has already capped it) and caches the bytes in the scope state; each later layer gets
 the cached copy. ``replay`` gives the layer below a ``receive`` that yields the cached body and
-then passes through to the channel the body was read from (so a client disconnect is still seen),
-however many layers replayed it: one hop, not one per layer.
+then passes through to the channel behind it (so a client disconnect is still seen), however
+many layers replayed it: one hop, not one per layer.
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ import orjson
 from starlette.types import Message, Receive, Scope
 
 from router import _asgi, errors
-
-SOURCE = "kars.body_source"  # the receive the body was read from (the channel that follows it)
 
 
 async def read(scope: Scope, receive: Receive) -> bytes:
@@ -35,7 +33,6 @@ async def read(scope: Scope, receive: Receive) -> bytes:
             break
     body = b"".join(chunks)
     st[_asgi.BODY] = body
-    st[SOURCE] = receive
     return body
 
 
@@ -53,29 +50,40 @@ async def read_json(scope: Scope, receive: Receive) -> Any:
     return parsed
 
 
-def source(scope: Scope, receive: Receive) -> Receive:
-    """The channel after the body: where ``read`` drained it from (``receive`` if not read yet).
+def source(receive: Receive) -> Receive:
+    """The channel behind ``receive``, past every layer's replay of the body.
 
     What waits for ``http.disconnect`` once the body is in hand (the inference transport's
-    watcher) listens here, past every layer's replay.
+    watcher) listens here.
     """
-    return scope["state"].get(SOURCE, receive)  # type: ignore[no-any-return]
+    return receive.rest if isinstance(receive, _Replay) else receive
 
 
 def replay(scope: Scope, receive: Receive) -> Receive:
-    """A ``receive`` for the next layer: the cached body first, then the channel it was read from."""
-    st = scope["state"]
-    body = st.get(_asgi.BODY)
+    """A ``receive`` for the next layer: the cached body first, then the channel behind ``receive``."""
+    body = scope["state"].get(_asgi.BODY)
     if body is None:
         return receive
-    rest: Receive = st[SOURCE]
-    sent = False
+    return _Replay(body, source(receive))
 
-    async def replaying() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await rest()
 
-    return replaying
+class _Replay:
+    """The cached body once, then the channel it came from.
+
+    The channel is kept here, never in the scope: the server's ``receive`` is a bound method of
+    the object that holds the scope, and a reference back to it would make every request a
+    reference cycle (garbage only the cycle collector frees).
+    """
+
+    __slots__ = ("body", "rest", "sent")
+
+    def __init__(self, body: bytes, rest: Receive) -> None:
+        self.body = body
+        self.rest = rest
+        self.sent = False
+
+    async def __call__(self) -> Message:
+        if not self.sent:
+            self.sent = True
+            return {"type": "http.request", "body": self.body, "more_body": False}
+        return await self.rest()

@@ -126,7 +126,7 @@ class FoundryTransport:
         current = asyncio.current_task()
         assert current is not None
         link = _reply.Link()
-        watcher = asyncio.create_task(link.watch(_body.source(scope, receive), current))
+        watcher = asyncio.create_task(link.watch(_body.source(receive), current))
         try:
             await self._forward(scope, send, link, route, client, broker, body, doc)
         except asyncio.CancelledError:
