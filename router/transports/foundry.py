@@ -126,7 +126,9 @@ class FoundryTransport:
         current = asyncio.current_task()
         assert current is not None
         link = _reply.Link()
-        watcher = asyncio.create_task(link.watch(_body.source(receive), current))
+        # The task's own loop, not asyncio.create_task: in Python 3.11 each running-loop lookup
+        # is a getpid() system call (a fork check).
+        watcher = current.get_loop().create_task(link.watch(_body.source(receive), current))
         try:
             await self._forward(scope, send, link, route, client, broker, body, doc)
         except asyncio.CancelledError:
