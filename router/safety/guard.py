@@ -136,7 +136,9 @@ class OutputGuard:
             raise Blocked(errors.InvalidRequest("the response was already ended"), answered=True)
         kind = message["type"]
         if kind == "http.response.start":
-            return await self._on_start(message)
+            if self._holds(message):
+                return None
+            return await self._send(message)
         if kind != "http.response.body" or self._mode == "pass":
             return await self._send(message)
         if self._mode == "sse":
@@ -145,16 +147,18 @@ class OutputGuard:
             return await self._json(message)
         return await self._upstream_error(message)
 
-    async def _on_start(self, message: Message) -> None:
-        status, ctype = message["status"], _content_type(message)
+    def _holds(self, start: Message) -> bool:
+        """Choose the mode by the response start; True: the start waits until the output is checked."""
+        status, ctype = start["status"], _content_type(start)
         ok = 200 <= status < 300
         if ok and ctype.startswith(b"text/event-stream"):
-            self._mode, self._start = "sse", message
-        elif ok and _asgi.is_json(ctype):
-            self._mode, self._start = "json", message
-        else:
-            self._mode = "error" if status == 400 and _asgi.is_json(ctype) else "pass"
-            await self._send(message)
+            self._mode, self._start = "sse", start
+            return True
+        if ok and _asgi.is_json(ctype):
+            self._mode, self._start = "json", start
+            return True
+        self._mode = "error" if status == 400 and _asgi.is_json(ctype) else "pass"
+        return False
 
     async def _release_start(self) -> None:
         if self._start is not None:
@@ -176,7 +180,9 @@ class OutputGuard:
                 doc = orjson.loads(body)
             except ValueError:
                 doc = None
-        await self._check_whole(doc)
+        if self._judge.output_providers or foundry.prompt_findings(doc) or foundry.output_findings(doc):
+            await self._check_whole(doc)
+        # else (nearly every reply): no annotation says anything and no provider rates output text.
         await self._release_start()
         await self._send(message)
 
