@@ -1,6 +1,6 @@
 """Python bytecodes per request on the inference hot path, by module: the count the wall clock follows.
 
-``python -m bench bytecodes [--requests N] [--top N]``. The router's CPU per request tracks the
+``python -m bench bytecodes [--requests N] [--top N] [--functions]``. The router's CPU per request tracks the
 Python bytecodes it runs more closely than its instruction count (bench/README.md, "inference",
 fourth session): C work such as orjson, RE2 and llhttp is many instructions but little time. This
 bench counts bytecodes exactly, with ``sys.settrace`` and ``f_trace_opcodes``. It calls two ASGI
@@ -36,8 +36,9 @@ App = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 class _Counter:
     """Bytecodes by code object while on; code of this module (the driver) is not counted."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, by_function: bool) -> None:
         self.ops: collections.Counter[str] = collections.Counter()
+        self._by_function = by_function
 
     def _trace(self, frame: FrameType, event: str, _arg: Any) -> Any:
         code = frame.f_code
@@ -46,7 +47,7 @@ class _Counter:
         if event == "call":
             frame.f_trace_opcodes = True
         elif event == "opcode":
-            self.ops[code.co_filename] += 1
+            self.ops[f"{code.co_filename}:{code.co_qualname}" if self._by_function else code.co_filename] += 1
         return self._trace
 
     def __enter__(self) -> _Counter:
@@ -104,8 +105,10 @@ async def _request(app: App, path: str, query: str, headers: list[tuple[bytes, b
     return status
 
 
-async def _count(app: App, token: str, requests: int) -> tuple[float, collections.Counter[str]]:
-    """Bytecodes per request of ``app`` in total, and by source file."""
+async def _count(
+    app: App, token: str, requests: int, *, by_function: bool = False
+) -> tuple[float, collections.Counter[str]]:
+    """Bytecodes per request of ``app`` in total, and by source file (or function)."""
     body = inference.request_body(stream=False)
     path, _, query = inference.AZURE_PATH.partition("?")
     headers = [
@@ -128,7 +131,7 @@ async def _count(app: App, token: str, requests: int) -> tuple[float, collection
             return statuses
 
         await asyncio.gather(*(run(WARMUP_REQUESTS // IN_FLIGHT) for _ in range(IN_FLIGHT)))
-        with _Counter() as counter:
+        with _Counter(by_function=by_function) as counter:
             done = await asyncio.gather(*(run(requests // IN_FLIGHT) for _ in range(IN_FLIGHT)))
         failed = [s for batch in done for s in batch if s != 200]
         if failed:
@@ -150,7 +153,8 @@ def _short(filename: str) -> str:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench bytecodes")
     parser.add_argument("--requests", type=int, default=1000)
-    parser.add_argument("--top", type=int, default=25, help="source files listed for the router")
+    parser.add_argument("--top", type=int, default=25, help="source files (or functions) listed for the router")
+    parser.add_argument("--functions", action="store_true", help="list the router's functions, not its files")
     args = parser.parse_args(argv)
 
     from router import settings as settings_mod
@@ -181,12 +185,12 @@ def main(argv: list[str]) -> int:
             _passthrough.UPSTREAM = upstream
             with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:  # the servers' loop
                 bare_total, _ = runner.run(_count(_passthrough.app, token, args.requests))
-                router_total, by_file = runner.run(_count(router, token, args.requests))
+                router_total, by_file = runner.run(_count(router, token, args.requests, by_function=args.functions))
 
     print("| app (in process, no server) | bytecodes / request | vs bare |\n|---|---:|---:|")
     print(f"| bare aiohttp pass-through (b) | {bare_total:,.0f} | 1.00x |")
     print(f"| kars router (c), memory store, no access line | {router_total:,.0f} | {router_total / bare_total:.2f}x |")
-    print("\n| router, by source file | bytecodes / request |\n|---|---:|")
+    print(f"\n| router, by {'function' if args.functions else 'source file'} | bytecodes / request |\n|---|---:|")
     for filename, ops in by_file.most_common(args.top):
         print(f"| `{_short(filename)}` | {ops:,.0f} |")
     return 0
