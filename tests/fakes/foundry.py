@@ -77,7 +77,8 @@ class FakeFoundry:
         if not self._authorized(headers):
             return await _json(send, 401, {"error": {"code": "401", "message": "Access denied due to invalid key."}})
         path = scope["path"]
-        doc = json.loads(body) if body else {}
+        # Image edits come as multipart/form-data (the image and the prompt as parts), the rest as JSON.
+        doc = json.loads(body) if body and "json" in headers.get("content-type", "") else {}
         deployment = doc.get("model", "")
         if path.startswith("/openai/deployments/"):
             deployment = path.split("/")[3]
@@ -95,6 +96,8 @@ class FakeFoundry:
             return await _json(send, 200, _completion(deployment))
         if kind == "embeddings":
             return await _json(send, 200, _embeddings(deployment, doc.get("input")))
+        if kind == "edits" and headers.get("content-type", "").startswith("multipart/form-data"):
+            return await _json(send, 200, _image_edit())
         if kind == "responses":
             if stream:
                 return await _sse(send, _responses_events(deployment))
@@ -226,6 +229,17 @@ def _completion(deployment: str) -> dict[str, Any]:
         "object": "text_completion",
         "usage": {"completion_tokens": len(WORDS), "prompt_tokens": 4, "total_tokens": 4 + len(WORDS)},
     }
+
+
+def _image_edit() -> dict[str, Any]:
+    """gpt-image-1's images/edits reply: the image and the tokens it cost."""
+    usage = {
+        "input_tokens": 50,
+        "input_tokens_details": {"image_tokens": 40, "text_tokens": 10},
+        "output_tokens": 100,
+        "total_tokens": 150,
+    }
+    return {"created": 1700000000, "data": [{"b64_json": "aW1hZ2U="}], "usage": usage}
 
 
 def _embeddings(deployment: str, inputs: Any) -> dict[str, Any]:

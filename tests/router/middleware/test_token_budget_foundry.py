@@ -72,6 +72,30 @@ def test_settle_through_the_real_transport(
         assert (day(s)["used"], day(s)["reserved"]) == (charged(), 0)
 
 
+def test_a_multipart_image_edit_is_budgeted_and_passed_through(
+    make_settings: Callable[..., Any], tmp_path: Path, policy_dir: Path
+) -> None:
+    """Image edits are multipart/form-data, not JSON: no prompt to estimate, but still budgeted."""
+    write_policy(policy_dir, dailyTokens=100_000, perRequestTokens=4_000)
+    with foundry_stack(make_settings, tmp_path) as s:
+        form = httpx.Request(
+            "POST",
+            f"{s.router.url}/openai/deployments/gpt-image-1/images/edits?api-version=2025-04-01-preview",
+            files={"image": ("cat.png", b"\x89PNG\r\n\x1a\n-not-really-a-png", "image/png")},
+            data={"prompt": "Give the cat a hat"},
+            headers={"api-key": s.token},
+        )
+        body = form.read()
+        with httpx.Client(timeout=20) as client:
+            resp = client.send(form)
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["data"][0]["b64_json"] == "aW1hZ2U="
+        sent = s.fake.requests[-1]
+        assert sent.headers["content-type"] == form.headers["content-type"]  # multipart/form-data; boundary=...
+        assert sent.body == body  # the form, byte for byte
+        assert (day(s)["used"], day(s)["reserved"]) == (150, 0)  # the reply's usage, settled
+
+
 def test_unreachable_upstream_releases_the_reservation(
     make_settings: Callable[..., Any], tmp_path: Path, policy_dir: Path
 ) -> None:
