@@ -17,6 +17,7 @@ from router.safety import verdict
 PROVIDER = "foundry"
 _ATTACKS = (verdict.JAILBREAK, verdict.INDIRECT)
 _ORDER = {category: i for i, category in enumerate((*verdict.HARM, *_ATTACKS))}  # findings in this order
+_SAFE = {"filtered": False, "severity": "safe"}  # the common annotation, no finding: one C comparison
 
 
 def _results(results: Any, out: list[verdict.Finding], *, only_filtered: bool = False) -> None:
@@ -25,7 +26,7 @@ def _results(results: Any, out: list[verdict.Finding], *, only_filtered: bool = 
     first = len(out)
     # One pass over what is there (every reply carries these; nearly all say "safe").
     for category, entry in results.items():
-        if not isinstance(entry, dict) or category not in _ORDER:
+        if entry == _SAFE or not isinstance(entry, dict) or category not in _ORDER:
             continue
         if category in _ATTACKS:
             if entry.get("detected") is True and (entry.get("filtered") or not only_filtered):
