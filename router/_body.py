@@ -17,6 +17,21 @@ from starlette.types import Message, Receive, Scope
 
 from router import _asgi, errors
 
+_DECLARED_JSON = "kars.body_is_json"  # scope state: the answer of is_json
+
+
+def is_json(scope: Scope) -> bool:
+    """Whether the request says its body is JSON (Content-Type); worked out once a request.
+
+    Three layers ask (token budget, content safety, the transport); a body that is not JSON (an
+    image edit's multipart form) is passed on unparsed.
+    """
+    st = scope["state"]
+    declared: bool | None = st.get(_DECLARED_JSON)
+    if declared is None:
+        declared = st[_DECLARED_JSON] = _asgi.is_json(_asgi.header(scope, b"content-type"))
+    return declared
+
 
 async def read(scope: Scope, receive: Receive) -> bytes:
     st = scope["state"]

@@ -49,7 +49,7 @@ class ContentSafetyMiddleware:
         route = inference.classify(scope["path"])
         if route is None or route.action not in CHECKED_ACTIONS:
             return await self.app(scope, receive, send)
-        if not _asgi.is_json(_asgi.header(scope, b"content-type")):
+        if not _body.is_json(scope):
             return await self.app(scope, receive, send)
         st = scope["state"]
         ceilings = self._ceilings(st, route.action)

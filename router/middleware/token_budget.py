@@ -144,8 +144,7 @@ class TokenBudgetMiddleware:
             return await self.app(scope, receive, send)
         # A JSON body is read for its prompt and output bounds; another (an image edit's multipart
         # form) has no prompt to estimate: it reserves what the policies allow a request.
-        is_json = _asgi.is_json(_asgi.header(scope, b"content-type"))
-        body = await _body.read_json(scope, receive) if is_json else None
+        body = await _body.read_json(scope, receive) if _body.is_json(scope) else None
         await _Budgeted(self, scope, plan, now).run(route.action, body, _body.replay(scope, receive), send)
 
 

@@ -120,7 +120,7 @@ class FoundryTransport:
         if client is None or broker is None:
             raise errors.ServiceUnavailable("no Foundry endpoint is configured", code="upstream_not_configured")
         body = await _body.read(scope, receive)
-        json_body = body and _asgi.is_json(_asgi.header(scope, b"content-type"))
+        json_body = body and _body.is_json(scope)
         doc = await _body.read_json(scope, receive) if json_body else None
         # Watch for the caller going away while we wait on the upstream, and stop if it does.
         current = asyncio.current_task()
