@@ -163,9 +163,7 @@ def main(argv: list[str]) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        (work / "policy").mkdir()
-        (work / "policy" / "bench.yaml").write_text(inference.POLICY)
-        (work / "foundry-key").write_text("bench-key")
+        inference.write_router_files(work)
         port = _load.free_port()
         upstream = f"http://127.0.0.1:{port}"
         argv_up = _load.pinned(_load.LOAD_CORE, inference._uvicorn("bench._upstream:app", port))

@@ -54,6 +54,13 @@ LAYER_VARIANTS = (
 )
 
 
+def write_router_files(work: Path) -> None:
+    """The policy directory and the upstream key file the router gets on the inference benches."""
+    (work / "policy").mkdir()
+    (work / "policy" / "bench.yaml").write_text(POLICY)
+    (work / "foundry-key").write_text("bench-key")
+
+
 def request_body(*, stream: bool) -> bytes:
     """A ~1 KB chat request (what an agent sends with a short system prompt and a question)."""
     doc: dict[str, object] = {
@@ -241,9 +248,7 @@ def main(argv: list[str]) -> int:
             )
             rows.append(Row(label, pid, url + AZURE_PATH, stream=client == "aiohttp"))
 
-        (work / "policy").mkdir()
-        (work / "policy" / "bench.yaml").write_text(POLICY)
-        (work / "foundry-key").write_text("bench-key")
+        write_router_files(work)
         renv = {
             "KARS_FOUNDRY_ENDPOINT": upstream,
             "KARS_FOUNDRY_API_KEY_FILE": str(work / "foundry-key"),

@@ -140,9 +140,7 @@ def main(argv: list[str]) -> int:
     os.sched_setaffinity(0, {int(_load.LOAD_CORE)})  # the driver, with the fake upstream
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        (work / "policy").mkdir()
-        (work / "policy" / "bench.yaml").write_text(inference.POLICY)
-        (work / "foundry-key").write_text("bench-key")
+        inference.write_router_files(work)
         up_port = _load.free_port()
         upstream = f"http://127.0.0.1:{up_port}"
         env = {
