@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from typing import Any
 
 from starlette.types import Scope
 
@@ -12,18 +11,6 @@ from starlette.types import Scope
 PRINCIPAL = "kars.principal"
 LOG_FIELDS = "kars.log"
 SNAPSHOT = "kars.snapshot"
-
-
-def state(scope: Scope) -> dict[str, Any]:
-    """``scope["state"]``, made if missing: for scopes from outside the app.
-
-    Inside the app (``router.app``) every http and websocket scope has one, and the layers read
-    ``scope["state"]`` directly.
-    """
-    st = scope.get("state")
-    if st is None:
-        st = scope["state"] = {}
-    return st  # type: ignore[no-any-return]
 
 
 def header(scope: Scope, name: bytes) -> bytes | None:

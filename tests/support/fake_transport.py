@@ -44,7 +44,7 @@ class FakeTransport:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         body = await _body.read_json(scope, receive)
         self.calls += 1
-        st = _asgi.state(scope)
+        st = scope["state"]
         mode = body.get("model", "exact")
         worst = worst_case(body)
         if mode == "fail":

@@ -53,7 +53,7 @@ class Caller:
                 await send({"type": kind + ".complete"})
                 if kind == "lifespan.shutdown":
                     return
-        _asgi.state(scope)[_asgi.PRINCIPAL] = Principal("sandbox", SANDBOX, "router-token")
+        scope.setdefault("state", {})[_asgi.PRINCIPAL] = Principal("sandbox", SANDBOX, "router-token")
         await self.app(scope, receive, send)
 
 
