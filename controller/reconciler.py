@@ -78,6 +78,10 @@ class Controller:
             return existed
         previous = self.index.get(key)
         self.index[key] = dict(body)
+        if key[0] == "KarsSandbox" and self._policy_digest_due(key, body) is not None:
+            # Another writer (the sandbox handler, with the policy it had compiled then) left a
+            # digest that is no longer the one in force: the status loop puts it right.
+            self._statuses_dirty.set()
         if previous is None or projection.as_written(previous) != projection.as_written(body):
             self._dirty.set()
             return True
@@ -199,15 +203,19 @@ class Controller:
             status: Body = {"conditions": conds, "digest": ready.digest, "observedGeneration": generation}
             patches.append((key, status, fingerprint))
         for key in (k for k in self.index if k[0] == "KarsSandbox"):
-            body = self.index[key]
-            spec = body.get("spec", {})
-            refs = [model.PolicyRef.model_validate(r) for r in spec.get("policyRefs", []) if _valid_ref(r)]
-            want = projection.policy_digest(refs, key[1], self.compiled)
-            if want is not None and body.get("status", {}).get("policyDigest") != want:
-                digest_mark: tuple[str, ...] = ("policyDigest", want)
-                if self._written.get(key) != digest_mark:
-                    patches.append((key, {"policyDigest": want}, digest_mark))
+            # No memo of what was written here: the index holds what the object says now (our own
+            # patches and every watch event), and a stale digest must be written again.
+            want = self._policy_digest_due(key, self.index[key])
+            if want is not None:
+                patches.append((key, {"policyDigest": want}, ("policyDigest", want)))
         await self._patch_all(patches)
+
+    def _policy_digest_due(self, key: Key, body: Mapping[str, Any]) -> str | None:
+        """The policyDigest a sandbox's status should say, when it says something else."""
+        spec = body.get("spec") or {}
+        refs = [model.PolicyRef.model_validate(r) for r in spec.get("policyRefs", []) if _valid_ref(r)]
+        want = projection.policy_digest(refs, key[1], self.compiled)
+        return want if want is not None and (body.get("status") or {}).get("policyDigest") != want else None
 
     async def _patch_all(self, patches: list[tuple[Key, Body, tuple[str, ...]]]) -> None:
         gate = asyncio.Semaphore(STATUS_PATCH_CONCURRENCY)

@@ -285,3 +285,30 @@ async def test_sandbox_policy_digest_follows_its_referenced_policies(
             "new digest",
         )
         assert second != first and second == expected()
+
+
+async def test_a_stale_policy_digest_from_another_writer_is_put_right(
+    cluster: Cluster, run_controller: ControllerFactory
+) -> None:
+    """The sandbox handler writes the digest of the policy it had compiled when it ran; if that
+    lands after the status loop wrote the current one, the loop writes the current one again."""
+    async with run_controller() as ctl:
+        await cluster.create(
+            "inferencepolicies", cr("InferencePolicy", "budget", {"tokenBudget": {"hourlyTokens": 10}})
+        )
+        body = cr(
+            "KarsSandbox", "agent-1", {"image": "img:1", "policyRefs": [{"kind": "InferencePolicy", "name": "budget"}]}
+        )
+        await cluster.create("karssandboxes", body)
+
+        def sandbox_digest() -> str | None:
+            obj = cluster.get("karssandboxes", NS, "agent-1") or {}
+            return (obj.get("status") or {}).get("policyDigest")
+
+        key = ("InferencePolicy", NS, "budget")
+        await wait_until(lambda: key in ctl.compiled.digests, "the policy compiled")
+        want = digest.of_digests([ctl.compiled.digests[key]])
+        await wait_until(lambda: sandbox_digest() == want, "the current digest")
+        stale = digest.of_digests([f"missing:InferencePolicy/{NS}/budget"])  # as if written before it compiled
+        await cluster.patch("karssandboxes", NS, "agent-1", {"status": {"policyDigest": stale}}, sub="status")
+        await wait_until(lambda: sandbox_digest() == want, "the stale digest put right")
