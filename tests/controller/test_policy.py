@@ -258,21 +258,26 @@ async def test_first_projection_holds_every_policy_that_already_exists(
         assert len(items) == 40
 
 
+async def _sandbox_with_a_budget(cluster: Cluster) -> Callable[[], str | None]:
+    """An InferencePolicy and a KarsSandbox that refers to it; a probe of the sandbox's policyDigest."""
+    await cluster.create("inferencepolicies", cr("InferencePolicy", "budget", {"tokenBudget": {"hourlyTokens": 10}}))
+    body = cr(
+        "KarsSandbox", "agent-1", {"image": "img:1", "policyRefs": [{"kind": "InferencePolicy", "name": "budget"}]}
+    )
+    await cluster.create("karssandboxes", body)
+
+    def sandbox_digest() -> str | None:
+        obj = cluster.get("karssandboxes", NS, "agent-1") or {}
+        return (obj.get("status") or {}).get("policyDigest")
+
+    return sandbox_digest
+
+
 async def test_sandbox_policy_digest_follows_its_referenced_policies(
     cluster: Cluster, run_controller: ControllerFactory
 ) -> None:
     async with run_controller() as ctl:
-        await cluster.create(
-            "inferencepolicies", cr("InferencePolicy", "budget", {"tokenBudget": {"hourlyTokens": 10}})
-        )
-        body = cr(
-            "KarsSandbox", "agent-1", {"image": "img:1", "policyRefs": [{"kind": "InferencePolicy", "name": "budget"}]}
-        )
-        await cluster.create("karssandboxes", body)
-
-        def sandbox_digest() -> str | None:
-            obj = cluster.get("karssandboxes", NS, "agent-1") or {}
-            return (obj.get("status") or {}).get("policyDigest")
+        sandbox_digest = await _sandbox_with_a_budget(cluster)
 
         def expected() -> str | None:
             want = ctl.compiled.digests.get(("InferencePolicy", NS, "budget"))
@@ -293,22 +298,16 @@ async def test_a_stale_policy_digest_from_another_writer_is_put_right(
     """The sandbox handler writes the digest of the policy it had compiled when it ran; if that
     lands after the status loop wrote the current one, the loop writes the current one again."""
     async with run_controller() as ctl:
-        await cluster.create(
-            "inferencepolicies", cr("InferencePolicy", "budget", {"tokenBudget": {"hourlyTokens": 10}})
-        )
-        body = cr(
-            "KarsSandbox", "agent-1", {"image": "img:1", "policyRefs": [{"kind": "InferencePolicy", "name": "budget"}]}
-        )
-        await cluster.create("karssandboxes", body)
-
-        def sandbox_digest() -> str | None:
-            obj = cluster.get("karssandboxes", NS, "agent-1") or {}
-            return (obj.get("status") or {}).get("policyDigest")
-
+        sandbox_digest = await _sandbox_with_a_budget(cluster)
         key = ("InferencePolicy", NS, "budget")
         await wait_until(lambda: key in ctl.compiled.digests, "the policy compiled")
         want = digest.of_digests([ctl.compiled.digests[key]])
         await wait_until(lambda: sandbox_digest() == want, "the current digest")
+        status_path = "/karssandboxes/agent-1/status"
+        writes_before = len(cluster.requests("PATCH", status_path))
         stale = digest.of_digests([f"missing:InferencePolicy/{NS}/budget"])  # as if written before it compiled
         await cluster.patch("karssandboxes", NS, "agent-1", {"status": {"policyDigest": stale}}, sub="status")
         await wait_until(lambda: sandbox_digest() == want, "the stale digest put right")
+        # Our stale write, then the controller's own: the current digest was written again.
+        assert len(cluster.requests("PATCH", status_path)) >= writes_before + 2
+        assert sandbox_digest() == want != stale
