@@ -16,21 +16,15 @@ from router.safety import verdict
 
 PROVIDER = "foundry"
 _ATTACKS = (verdict.JAILBREAK, verdict.INDIRECT)
-_ORDER = {category: i for i, category in enumerate((*verdict.HARM, *_ATTACKS))}  # findings in this order
 _SAFE = {"filtered": False, "severity": "safe"}  # the common annotation, no finding: one C comparison
 
 
 def _results(results: Any, out: list[verdict.Finding], *, only_filtered: bool = False) -> None:
     if not isinstance(results, dict):
         return
-    first = len(out)
-    # One pass over what is there (every reply carries these; nearly all say "safe").
-    for category, entry in results.items():
-        if entry == _SAFE or not isinstance(entry, dict) or category not in _ORDER:
-            continue
-        if category in _ATTACKS:
-            if entry.get("detected") is True and (entry.get("filtered") or not only_filtered):
-                out.append(verdict.Finding(category, PROVIDER))
+    for category in verdict.HARM:
+        entry = results.get(category)
+        if entry == _SAFE or not isinstance(entry, dict):  # nearly every annotation is the first
             continue
         severity = entry.get("severity", "")
         if severity == "safe":  # rank 0, under every ceiling: no finding
@@ -39,8 +33,10 @@ def _results(results: Any, out: list[verdict.Finding], *, only_filtered: bool = 
             rank = verdict.RANK.get(str(severity).lower())
             if rank:
                 out.append(verdict.Finding(category, PROVIDER, rank))
-    if len(out) - first > 1:  # harm categories first, then attacks, whatever the upstream's order
-        out[first:] = sorted(out[first:], key=lambda f: _ORDER[f.category])
+    for category in _ATTACKS:
+        entry = results.get(category)
+        if isinstance(entry, dict) and entry.get("detected") is True and (entry.get("filtered") or not only_filtered):
+            out.append(verdict.Finding(category, PROVIDER))
 
 
 def prompt_findings(doc: Any) -> list[verdict.Finding]:
