@@ -65,6 +65,13 @@ def router_server(make_settings: Callable[..., settings_mod.Settings]) -> Iterat
         stack.pop().__exit__(None, None, None)
 
 
+@pytest.fixture
+def dead_port() -> Iterator[int]:
+    """A loopback port where nothing listens and nothing can start listening during the test."""
+    with servers.refusing_port() as port:
+        yield port
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[redis_support.RedisServer]:
     """A real redis-server on loopback for the whole session (skipped without the binary, unless CI)."""

@@ -163,7 +163,7 @@ def test_throttling_honours_retry_after() -> None:
     assert kube.map_api_error(OSError("boom"), "op").delay == kube.RETRY_DELAY_S  # type: ignore[union-attr]
 
 
-async def test_router_client_backs_off_and_recovers(tmp_path: Path) -> None:
+async def test_router_client_backs_off_and_recovers(tmp_path: Path, dead_port: int) -> None:
     token = tmp_path / "token"
     token.write_text("s3cret\n")
     seen: list[str | None] = []
@@ -189,9 +189,7 @@ async def test_router_client_backs_off_and_recovers(tmp_path: Path) -> None:
         finally:
             await client.aclose()
     assert seen[0] == "Bearer s3cret"
-    unreachable = routerstatus.RouterStatusClient(
-        f"http://127.0.0.1:{servers.free_port()}", None, poll_s=1, max_poll_s=2
-    )
+    unreachable = routerstatus.RouterStatusClient(f"http://127.0.0.1:{dead_port}", None, poll_s=1, max_poll_s=2)
     with pytest.raises(routerstatus.RouterUnavailable):
         await unreachable.fetch()
     await unreachable.aclose()

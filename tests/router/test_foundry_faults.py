@@ -13,7 +13,7 @@ import pytest
 from router.policy import model
 from router.transports import foundry
 from tests.router.foundry_support import foundry_stack
-from tests.support import servers, waiting
+from tests.support import waiting
 
 MESSAGES = [{"role": "user", "content": "Say hello"}]
 
@@ -55,8 +55,10 @@ def test_answered_requests_leave_nothing_behind_on_a_kept_alive_connection(
         s.assert_idle(baseline)
 
 
-def test_connection_refused_is_502_upstream_unavailable(make_settings: Callable[..., Any], tmp_path: Path) -> None:
-    dead = f"http://127.0.0.1:{servers.free_port()}"
+def test_connection_refused_is_502_upstream_unavailable(
+    make_settings: Callable[..., Any], tmp_path: Path, dead_port: int
+) -> None:
+    dead = f"http://127.0.0.1:{dead_port}"
     with foundry_stack(make_settings, tmp_path, endpoint=dead) as s:
         baseline = s.tasks()
         r = chat(s.router.url, s.token, "gpt-4o")

@@ -193,8 +193,8 @@ def test_verified_token_is_cached(router_server: Callable[..., Any], fake_oidc: 
     assert token in srv.app.state.kars.verifier._cache
 
 
-def test_jwks_down_with_no_keys_is_503_not_a_pass(router_server: Callable[..., Any]) -> None:
-    srv = router_server(identity={"jwksUrl": f"http://127.0.0.1:{servers.free_port()}/openid/v1/jwks"})
+def test_jwks_down_with_no_keys_is_503_not_a_pass(router_server: Callable[..., Any], dead_port: int) -> None:
+    srv = router_server(identity={"jwksUrl": f"http://127.0.0.1:{dead_port}/openid/v1/jwks"})
     fake = oidc.FakeOidc()
     resp = whoami(srv, Authorization=f"Bearer {fake.token()}")
     assert resp.status_code == 503

@@ -194,9 +194,9 @@ def test_allowed_tools_empty_means_none(start: Callable[..., Any], upstream: Any
 
 
 def test_allowed_sandboxes_checked_before_any_upstream_contact(
-    router_server: Callable[..., Any], policy_dir: Path
+    router_server: Callable[..., Any], policy_dir: Path, dead_port: int
 ) -> None:
-    dead = f"http://127.0.0.1:{servers.free_port()}/mcp"  # nothing listens: contact would be a 502
+    dead = f"http://127.0.0.1:{dead_port}/mcp"  # nothing listens: contact would be a 502
     sandbox = (
         "apiVersion: kars.azure.com/v1alpha1\nkind: KarsSandbox\n"
         "metadata: {name: agent, namespace: team-a, labels: {tier: gold}}\nspec: {image: busybox}\n"

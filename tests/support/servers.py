@@ -25,6 +25,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@contextlib.contextmanager
+def refusing_port() -> Iterator[int]:
+    """A loopback port that refuses connections for as long as the block runs.
+
+    The socket stays bound but never listens, so a connect gets ECONNREFUSED and no server
+    started meanwhile can take the port. (A port from ``free_port()`` is free only until the
+    next server in the test picks it.)
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        yield int(s.getsockname()[1])
+
+
 class ServerThread(threading.Thread):
     def __init__(self, app: Any, *, host: str = "127.0.0.1", port: int | None = None, **config: Any) -> None:
         super().__init__(daemon=True, name="uvicorn-test")

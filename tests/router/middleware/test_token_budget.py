@@ -24,7 +24,6 @@ from tests.router.middleware.budget_support import (
     window,
     write_policy,
 )
-from tests.support import servers
 
 MakeSettings = Callable[..., settings_mod.Settings]
 
@@ -248,9 +247,11 @@ def test_malformed_json_is_400_before_any_reservation(policy_dir: Path, make_set
         assert day["reserved"] == 0
 
 
-def test_store_down_fails_closed_and_readyz_says_so(policy_dir: Path, make_settings: MakeSettings) -> None:
+def test_store_down_fails_closed_and_readyz_says_so(
+    policy_dir: Path, make_settings: MakeSettings, dead_port: int
+) -> None:
     write_policy(policy_dir, dailyTokens=1000)
-    down = f"redis://127.0.0.1:{servers.free_port()}/0"
+    down = f"redis://127.0.0.1:{dead_port}/0"
     with budget_router(make_settings(budgets={"store": "redis", "redisUrl": down})) as srv:
         resp = chat(srv, chat_body(100))
         assert resp.status_code == 503
@@ -263,9 +264,11 @@ def test_store_down_fails_closed_and_readyz_says_so(policy_dir: Path, make_setti
         assert resp.status_code == 503 and resp.json()["error"]["code"] == "budget_store_unavailable"
 
 
-def test_store_down_fails_open_only_when_every_budget_allows_it(policy_dir: Path, make_settings: MakeSettings) -> None:
+def test_store_down_fails_open_only_when_every_budget_allows_it(
+    policy_dir: Path, make_settings: MakeSettings, dead_port: int
+) -> None:
     write_policy(policy_dir, dailyTokens=1000, failOpen=True)
-    down = f"redis://127.0.0.1:{servers.free_port()}/0"
+    down = f"redis://127.0.0.1:{dead_port}/0"
     with budget_router(make_settings(budgets={"store": "redis", "redisUrl": down})) as srv:
         resp = chat(srv, chat_body(100))
         assert resp.status_code == 200

@@ -18,7 +18,7 @@ import pytest
 from router import budgets
 from tests.router.foundry_support import foundry_stack
 from tests.router.middleware.budget_support import window, write_policy
-from tests.support import servers, waiting
+from tests.support import waiting
 
 MESSAGES = [{"role": "user", "content": "Say hello"}]
 FAKE_USAGE = 15  # the fake upstream's usage: 9 prompt + 6 completion tokens
@@ -97,10 +97,10 @@ def test_a_multipart_image_edit_is_budgeted_and_passed_through(
 
 
 def test_unreachable_upstream_releases_the_reservation(
-    make_settings: Callable[..., Any], tmp_path: Path, policy_dir: Path
+    make_settings: Callable[..., Any], tmp_path: Path, policy_dir: Path, dead_port: int
 ) -> None:
     write_policy(policy_dir, dailyTokens=100_000)
-    with foundry_stack(make_settings, tmp_path, endpoint=f"http://127.0.0.1:{servers.free_port()}") as s:
+    with foundry_stack(make_settings, tmp_path, endpoint=f"http://127.0.0.1:{dead_port}") as s:
         assert chat(s, "gpt-4o").status_code == 502
         assert (day(s)["used"], day(s)["reserved"]) == (0, 0)
 

@@ -397,10 +397,8 @@ async def test_redis_keys_expire_with_their_window(redis_url: str, redis_server:
         await s.close()
 
 
-async def test_redis_unreachable_is_unavailable() -> None:
-    from tests.support import servers
-
-    s = redis_store.RedisStore(f"redis://127.0.0.1:{servers.free_port()}/0")
+async def test_redis_unreachable_is_unavailable(dead_port: int) -> None:
+    s = redis_store.RedisStore(f"redis://127.0.0.1:{dead_port}/0")
     await s.open()
     try:
         started = time.monotonic()
