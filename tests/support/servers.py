@@ -67,6 +67,7 @@ class ServerThread(threading.Thread):
         except BaseException as exc:  # surfaced by start()
             self.error = exc
         finally:
+            _end_leftover_tasks(self.loop)
             self.loop.close()
 
     @property
@@ -92,6 +93,19 @@ class ServerThread(threading.Thread):
         """Run a coroutine on the server's loop (to inspect app state) and return its result."""
         assert self.loop is not None
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+
+def _end_leftover_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel and await what the app left running (sse_starlette's shutdown watcher), as ``asyncio.run`` does.
+
+    Otherwise the closed loop's pending tasks are reported as destroyed when the process exits.
+    """
+    pending = asyncio.all_tasks(loop)
+    for task in pending:
+        task.cancel()
+    if pending:
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    loop.run_until_complete(loop.shutdown_asyncgens())
 
 
 @contextlib.contextmanager
