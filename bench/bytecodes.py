@@ -1,15 +1,17 @@
 """Python bytecodes per request on the inference hot path, by module: the count the wall clock follows.
 
-``python -m bench bytecodes [--requests N] [--top N] [--functions]``. The router's CPU per request tracks the
-Python bytecodes it runs more closely than its instruction count (bench/README.md, "inference",
-fourth session): C work such as orjson, RE2 and llhttp is many instructions but little time. This
-bench counts bytecodes exactly, with ``sys.settrace`` and ``f_trace_opcodes``. It calls two ASGI
-apps in this process: the router (``build_app`` with the ``inference`` bench's policy, the memory
-budget store, no access line) and the bare pass-through (``bench._passthrough``). Each gets the
-``inference`` bench's ~1 KB chat completions, 8 in flight, and forwards them to the fake upstream
-in its own process. There is no server and no network on the caller's side, so uvicorn is not
-counted (it is the same for both). The tracer makes a request ~50x slower: these are counts, not
-times. The driver's own bytecodes are left out.
+``python -m bench bytecodes [--requests N] [--top N] [--functions] [--drop Name,...|ALL]``. The
+router's CPU per request tracks the Python bytecodes it runs more closely than its instruction count
+(bench/README.md, "inference", fourth session): C work such as orjson, RE2 and llhttp is many
+instructions but little time. This bench counts bytecodes exactly, with ``sys.settrace`` and
+``f_trace_opcodes``. It calls two ASGI apps in this process: the router (``build_app`` with the
+``inference`` bench's policy, the memory budget store, no access line) and the bare pass-through
+(``bench._passthrough``). Each gets the ``inference`` bench's ~1 KB chat completions, 8 in flight,
+and forwards them to the fake upstream in its own process. There is no server and no network on the
+caller's side, so uvicorn is not counted (it is the same for both). The tracer makes a request ~50x
+slower: these are counts, not times. The driver's own bytecodes are left out. ``--drop`` leaves
+middleware classes out of the router (as ``bench._router_variant`` does), so the difference prices
+them.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 
 import uvloop
 
-from bench import _load, _passthrough, inference
+from bench import _load, _passthrough, _router_variant, inference
 
 IN_FLIGHT = 8
 WARMUP_REQUESTS = 64
@@ -155,6 +157,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--top", type=int, default=25, help="source files (or functions) listed for the router")
     parser.add_argument("--functions", action="store_true", help="list the router's functions, not its files")
+    parser.add_argument("--drop", default="", help="middleware classes to leave out (Name,Name or ALL), to price them")
     args = parser.parse_args(argv)
 
     from router import settings as settings_mod
@@ -178,7 +181,7 @@ def main(argv: list[str]) -> int:
                 "KARS_IDENTITY_DEV_KEY_FILE": str(work / "dev-key.pem"),
             }
             config = settings_mod.load(environ=environ)
-            router = build_app(config)
+            router = _router_variant.without_layers(build_app(config), args.drop)
             token = devtokens.issue(router.state.kars.dev_key, inference.SANDBOX, audience=config.identity.audience)
             _passthrough.UPSTREAM = upstream
             with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:  # the servers' loop
@@ -187,7 +190,8 @@ def main(argv: list[str]) -> int:
 
     print("| app (in process, no server) | bytecodes / request | vs bare |\n|---|---:|---:|")
     print(f"| bare aiohttp pass-through (b) | {bare_total:,.0f} | 1.00x |")
-    print(f"| kars router (c), memory store, no access line | {router_total:,.0f} | {router_total / bare_total:.2f}x |")
+    label = "kars router (c), memory store, no access line" + (f", without {args.drop}" if args.drop else "")
+    print(f"| {label} | {router_total:,.0f} | {router_total / bare_total:.2f}x |")
     print(f"\n| router, by {'function' if args.functions else 'source file'} | bytecodes / request |\n|---|---:|")
     for filename, ops in by_file.most_common(args.top):
         print(f"| `{_short(filename)}` | {ops:,.0f} |")
