@@ -240,8 +240,10 @@ class OutputGuard:
         refusal = judge.decide([*foundry.output_findings(doc), *found], down, "output")
         if refusal is None:
             return
-        filtered = _filtered_choices(doc, refusal)
-        if filtered is None or _is_prompt(refusal) or "innererror" not in refusal.extra:
+        # Only a content filter on the output is answered as Azure does, with the choices emptied;
+        # anything else (a provider down: 503) is the whole answer.
+        filtered = None if _is_prompt(refusal) or "innererror" not in refusal.extra else _filtered_choices(doc, refusal)
+        if filtered is None:
             await self._end(refusal, stream=False)
         await self._answer(filtered, refusal)
 

@@ -11,7 +11,8 @@ service's error shape ``{"error": {"code", "message"}}``.
 
 The real service rates meaning; this one reads markers so tests choose the verdict: ``cs:Violence:5``
 in a text rates Violence 5 (the highest marker of a category wins), ``cs:attack`` is an attack.
-``fail_status`` makes every call answer that status (an erroring service).
+``fail_status`` makes every call answer that status (an erroring service); with ``fail_after`` set,
+only the calls after the first ``fail_after`` (a service that goes down while a request is in flight).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class FakeContentSafety:
         self.bearer = bearer
         self.calls: list[tuple[str, dict[str, Any]]] = []  # (operation, request body)
         self.fail_status: int | None = None
+        self.fail_after = 0
 
     def operations(self, name: str) -> list[dict[str, Any]]:
         return [body for op, body in self.calls if op == name]
@@ -61,7 +63,7 @@ class FakeContentSafety:
         if not isinstance(doc, dict):
             return await _error(send, 400, "InvalidRequestBody", "The request body must be an object.")
         self.calls.append((operation, doc))
-        if self.fail_status is not None:
+        if self.fail_status is not None and len(self.calls) > self.fail_after:
             return await _error(send, self.fail_status, "InternalServerError", "Internal server error.")
         if operation == "analyze":
             return await self._analyze(send, doc)

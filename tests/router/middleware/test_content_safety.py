@@ -391,6 +391,25 @@ def test_erroring_provider_is_503(make_settings: MS, tmp_path: Path) -> None:
         assert (r.status_code, r.json()["error"]["code"]) == (503, "content_safety_unavailable")
 
 
+def test_provider_down_for_the_output_is_503_not_a_500(make_settings: MS, tmp_path: Path) -> None:
+    """The prompt is rated, then the service fails on the reply's text: fail closed, as for a prompt."""
+    with safety_stack(make_settings, tmp_path, content_safety=True) as s:
+        s.content_safety.fail_status, s.content_safety.fail_after = 500, 1  # the prompt's analyze passes
+        r = chat(s, "hello", deployment="words")
+        assert (r.status_code, r.json()["error"]["code"]) == (503, "content_safety_unavailable")
+        rated = [body["text"] for body in s.content_safety.operations("analyze")]
+        assert rated == ["hello", "".join(s.fake.words)]
+        assert s.log_fields()["safety"] == "unavailable"
+        s.content_safety.calls.clear()  # a Responses reply: the same answer
+        responses = httpx.post(
+            s.router.url + "/openai/v1/responses",
+            json={"model": "gpt-4o", "input": "hello"},
+            headers={"authorization": f"Bearer {s.token}"},
+            timeout=10,
+        )
+        assert (responses.status_code, responses.json()["error"]["code"]) == (503, "content_safety_unavailable")
+
+
 # -- SDK streams, Responses, token auth ----------------------------------------------------------------
 
 
