@@ -245,9 +245,10 @@ def build_app(settings: Settings) -> Starlette:
         Middleware(budget_mw.TokenBudgetMiddleware, store=budget_store, policy=policy, metrics=metrics),
         Middleware(safety_mw.ContentSafetyMiddleware, safety=safety, policy=policy, metrics=metrics),
     ]
-    hot, catch_all = runtime.foundry.routes()
+    own_v1 = frozenset(p for r in routes if (p := getattr(r, "path", "")).startswith("/v1/"))
+    hot, catch_all = runtime.foundry.routes(reserved=own_v1)
     routes[:0] = hot  # /openai/..., /models/...: the hot path, matched first (no other route starts so)
-    routes.extend(catch_all)  # /v1/...: after every other route (/v1/whoami, /v1/budgets)
+    routes.extend(catch_all)  # /v1/...: after every other route, and never on their paths (/v1/whoami, /v1/budgets)
     app = _App(routes=routes, middleware=middleware, lifespan=lifespan)
     app.state.kars = runtime
     return app

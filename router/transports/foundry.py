@@ -106,11 +106,12 @@ class FoundryTransport:
         self._metrics = metrics
         self._latency = metrics.upstream_latency.labels(UPSTREAM)
 
-    def routes(self) -> tuple[list[BaseRoute], list[BaseRoute]]:
+    def routes(self, reserved: frozenset[str] = frozenset()) -> tuple[list[BaseRoute], list[BaseRoute]]:
         """Routes owned outright (``/openai/...``, ``/models/...``) and the ``/v1/...`` catch-all,
-        which must come after the router's own ``/v1`` routes."""
+        which must come after the router's own ``/v1`` routes and leaves their paths (``reserved``)
+        to them, so a wrong method there is their 405, not a request forwarded upstream."""
         owned: list[BaseRoute] = [PrefixRoute(p, _Entry(self)) for p in ("/openai/{path:path}", "/models/{path:path}")]
-        return owned, [PrefixRoute("/v1/{path:path}", _Entry(self))]
+        return owned, [PrefixRoute("/v1/{path:path}", _Entry(self), reserved=reserved)]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = inference.classify(scope["path"])
@@ -246,13 +247,14 @@ class PrefixRoute(BaseRoute):
     prefix test is enough. ``path`` keeps the template, which metrics and logs name the route by.
     """
 
-    def __init__(self, path: str, endpoint: ASGIApp) -> None:
+    def __init__(self, path: str, endpoint: ASGIApp, *, reserved: frozenset[str] = frozenset()) -> None:
         self.path = path
         self.prefix = path.partition("{")[0]
         self.endpoint = endpoint
+        self.reserved = reserved  # paths under the prefix that other routes serve
 
     def matches(self, scope: Scope) -> tuple[Match, Scope]:
-        if scope["type"] == "http" and scope["path"].startswith(self.prefix):
+        if scope["type"] == "http" and scope["path"].startswith(self.prefix) and scope["path"] not in self.reserved:
             return Match.FULL, {"endpoint": self.endpoint}
         return Match.NONE, {}
 

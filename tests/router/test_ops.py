@@ -95,6 +95,11 @@ def test_unknown_route_and_wrong_method(router_server: Callable[..., Any]) -> No
         resp = httpx.request(method, f"{srv.url}/healthz")
         assert_error(resp, 405, "method_not_allowed")
         assert set(resp.headers["allow"].split(", ")) == {"GET", "HEAD"}
+    # The router's own /v1 routes are not swallowed by the /v1/... alias of the inference API.
+    for path in ("/v1/whoami", "/v1/budgets"):
+        resp = httpx.post(f"{srv.url}{path}", headers=auth, json={})
+        assert_error(resp, 405, "method_not_allowed")
+        assert set(resp.headers["allow"].split(", ")) == {"GET", "HEAD"}
 
 
 def test_malformed_json_is_400(router_server: Callable[..., Any]) -> None:
