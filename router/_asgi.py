@@ -36,6 +36,11 @@ def is_json(content_type: bytes | None) -> bool:
     return content_type is not None and content_type.lower().find(b"json") >= 0
 
 
+def is_form(content_type: bytes | None) -> bool:
+    """Whether a Content-Type value names a multipart form (``multipart/form-data; boundary=...``)."""
+    return content_type is not None and content_type[:10].lower() == b"multipart/"
+
+
 def client_host(scope: Scope) -> str | None:
     client = scope.get("client")
     return client[0] if client else None

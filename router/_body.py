@@ -10,9 +10,12 @@ many layers replayed it: one hop, not one per layer.
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import orjson
+from starlette import formparsers
+from starlette.datastructures import Headers
 from starlette.types import Message, Receive, Scope
 
 from router import _asgi, errors
@@ -21,15 +24,18 @@ _DECLARED_JSON = "kars.body_is_json"  # scope state: the answer of is_json
 
 
 def is_json(scope: Scope) -> bool:
-    """Whether the request says its body is JSON (Content-Type); worked out once a request.
+    """Whether the body is read as JSON: every body but a form; worked out once a request.
 
-    Three layers ask (token budget, content safety, the transport); a body that is not JSON (an
-    image edit's multipart form) is passed on unparsed.
+    The inference API takes JSON bodies, and ``multipart/form-data`` ones for uploads (image
+    edits, audio, files). A body's declared type does not change what the upstream makes of it, so
+    one sent as ``text/plain`` or with no Content-Type is read, budgeted and checked as JSON too: a
+    caller cannot take a prompt past the checks by mislabelling it. Three layers ask (token budget,
+    content safety, the transport).
     """
     st = scope["state"]
     declared: bool | None = st.get(_DECLARED_JSON)
     if declared is None:
-        declared = st[_DECLARED_JSON] = _asgi.is_json(_asgi.header(scope, b"content-type"))
+        declared = st[_DECLARED_JSON] = not _asgi.is_form(_asgi.header(scope, b"content-type"))
     return declared
 
 
@@ -63,6 +69,26 @@ async def read_json(scope: Scope, receive: Receive) -> Any:
         raise errors.InvalidRequest(f"request body is not valid JSON: {exc}") from None
     st[_asgi.JSON] = parsed
     return parsed
+
+
+async def read_form_fields(scope: Scope, receive: Receive) -> dict[str, str]:
+    """The text fields of a ``multipart/form-data`` body (an image edit's ``prompt``); files are skipped.
+
+    A malformed form is a 400 ``invalid_request``.
+    """
+    body = await read(scope, receive)
+
+    async def chunks() -> AsyncGenerator[bytes, None]:
+        yield body
+
+    try:
+        form = await formparsers.MultiPartParser(Headers(scope=scope), chunks()).parse()
+    except formparsers.MultiPartException as exc:
+        raise errors.InvalidRequest(f"request body is not a valid form: {exc.message}") from None
+    try:
+        return {name: value for name, value in form.multi_items() if isinstance(value, str)}
+    finally:
+        await form.close()
 
 
 def source(receive: Receive) -> Receive:

@@ -1,12 +1,13 @@
 """Content safety on inference routes that generate text (SPEC.md §3): prompt before, output after.
 
 The last layer before the transport (identity -> jws -> trust_graph -> token_budget ->
-content_safety). For a JSON ``chat`` / ``responses`` / ``image`` request: the effective ceilings
+content_safety). For a ``chat`` / ``responses`` / ``image`` request: the effective ceilings
 are the cluster floor tightened by the caller's InferencePolicies' ``contentSafety``
 (``verdict.effective``); the prompt's text (``router.safety.texts``) goes to every provider at
 once; a refusal is raised before anything is forwarded. The output is then checked as it passes
 (``router.safety.guard.OutputGuard``). Embeddings and audio are not checked (they generate no
-text); nor is a non-JSON body (multipart image edits), which passes through.
+text). Every body is read as JSON but a form (``router._body.is_json``); a form's prompt (an
+image edit's) is its ``prompt`` field.
 """
 
 from __future__ import annotations
@@ -49,12 +50,13 @@ class ContentSafetyMiddleware:
         route = inference.classify(scope["path"])
         if route is None or route.action not in CHECKED_ACTIONS:
             return await self.app(scope, receive, send)
-        if not _body.is_json(scope):
-            return await self.app(scope, receive, send)
         st = scope["state"]
         ceilings = self._ceilings(st, route.action)
         judge = judge_mod.Judge(self._safety, ceilings, self._metrics, st.setdefault(_asgi.LOG_FIELDS, {}))
-        doc = await _body.read_json(scope, receive)
+        if _body.is_json(scope):
+            doc = await _body.read_json(scope, receive)
+        else:  # a form (an image edit): its prompt is a text field
+            doc = await _body.read_form_fields(scope, receive)
         await judge.check_prompt(texts.prompt_of(route.action, doc))
         out = guard.OutputGuard(send, judge, st)
         try:

@@ -142,8 +142,8 @@ class TokenBudgetMiddleware:
         plan = self.plan(snapshot, principal, route.action, now)
         if not plan.policies:
             return await self.app(scope, receive, send)
-        # A JSON body is read for its prompt and output bounds; another (an image edit's multipart
-        # form) has no prompt to estimate: it reserves what the policies allow a request.
+        # A JSON body is read for its prompt and output bounds; a form (an image edit's) is not
+        # estimated: it reserves what the policies allow a request.
         body = await _body.read_json(scope, receive) if _body.is_json(scope) else None
         await _Budgeted(self, scope, plan, now).run(route.action, body, _body.replay(scope, receive), send)
 
