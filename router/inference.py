@@ -39,6 +39,10 @@ class InferenceRoute:
         return self.action not in ("other",)
 
 
+def _action(endpoint: str) -> Action:
+    return _ACTIONS.get(endpoint) or ("audio" if endpoint.startswith("audio/") else "other")
+
+
 @functools.lru_cache(maxsize=4096)  # three layers ask per request; routes are immutable
 def classify(path: str) -> InferenceRoute | None:
     """The inference route for ``path``, or None when the path is not an inference route."""
@@ -49,17 +53,16 @@ def classify(path: str) -> InferenceRoute | None:
         deployment, _, endpoint = rest.partition("/")
         if not deployment or not endpoint:
             return None
-        action = _ACTIONS.get(endpoint) or ("audio" if endpoint.startswith("audio/") else "other")
-        return InferenceRoute(action, deployment, path)
+        return InferenceRoute(_action(endpoint), deployment, path)
     if path.startswith("/openai/v1/"):
         endpoint = path[len("/openai/v1/") :]
-        return InferenceRoute(_ACTIONS.get(endpoint, "other"), None, path)
+        return InferenceRoute(_action(endpoint), None, path)
     if path.startswith(OPENAI_PREFIX) and len(path) > len(OPENAI_PREFIX):
         # Azure OpenAI's dated data plane without a deployment in the path (the AzureOpenAI SDK
         # calls /openai/responses?api-version=..., /openai/files, /openai/models): "model" is in the body.
         endpoint = path[len(OPENAI_PREFIX) :]
-        return InferenceRoute(_ACTIONS.get(endpoint, "other"), None, path)
+        return InferenceRoute(_action(endpoint), None, path)
     if path.startswith(MODELS_PREFIX):
         endpoint = path[len(MODELS_PREFIX) :]
-        return InferenceRoute(_ACTIONS.get(endpoint, "other"), None, path)
+        return InferenceRoute(_action(endpoint), None, path)
     return None

@@ -1,11 +1,11 @@
 """A fake Azure OpenAI / Foundry data plane: the real wire format, served by real uvicorn. Test code only.
 
 It answers what the router forwards (chat completions, legacy completions, embeddings, Responses,
-streaming and not) in the shapes Azure OpenAI sends: ``prompt_filter_results`` first in streams,
-``choices: []`` chunks, the usage chunk before ``data: [DONE]`` only with
-``stream_options.include_usage``, Responses events with ``response.completed`` carrying usage, and
-Azure's error body on a bad key. Every request is recorded (method, path, query, headers, raw
-body) so tests can assert what reached the upstream.
+streaming and not; multipart image edits and audio transcriptions) in the shapes Azure OpenAI sends:
+``prompt_filter_results`` first in streams, ``choices: []`` chunks, the usage chunk before ``data:
+[DONE]`` only with ``stream_options.include_usage``, Responses events with ``response.completed``
+carrying usage, and Azure's error body on a bad key. Every request is recorded (method, path, query,
+headers, raw body) so tests can assert what reached the upstream.
 
 Deployment (or ``model``) names select faults, so one fake serves the fallback tests too:
 ``throttled`` 429, ``broken`` 500, ``badjson`` a 200 with malformed JSON, ``slow`` no answer
@@ -96,8 +96,11 @@ class FakeFoundry:
             return await _json(send, 200, _completion(deployment))
         if kind == "embeddings":
             return await _json(send, 200, _embeddings(deployment, doc.get("input")))
-        if kind == "edits" and headers.get("content-type", "").startswith("multipart/form-data"):
+        multipart = headers.get("content-type", "").startswith("multipart/form-data")
+        if kind == "edits" and multipart:
             return await _json(send, 200, _image_edit())
+        if kind == "transcriptions" and multipart:
+            return await _json(send, 200, _transcription())
         if kind == "responses":
             if stream:
                 return await _sse(send, _responses_events(deployment))
@@ -240,6 +243,18 @@ def _image_edit() -> dict[str, Any]:
         "total_tokens": 150,
     }
     return {"created": 1700000000, "data": [{"b64_json": "aW1hZ2U="}], "usage": usage}
+
+
+def _transcription() -> dict[str, Any]:
+    """gpt-4o-transcribe's audio/transcriptions reply (``response_format=json``): the text and its tokens."""
+    usage = {
+        "type": "tokens",
+        "input_tokens": 14,
+        "input_token_details": {"text_tokens": 0, "audio_tokens": 14},
+        "output_tokens": 45,
+        "total_tokens": 59,
+    }
+    return {"text": "Hello from the fake upstream.", "usage": usage}
 
 
 def _embeddings(deployment: str, inputs: Any) -> dict[str, Any]:

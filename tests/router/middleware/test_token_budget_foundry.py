@@ -96,6 +96,33 @@ def test_a_multipart_image_edit_is_budgeted_and_passed_through(
         assert (day(s)["used"], day(s)["reserved"]) == (150, 0)  # the reply's usage, settled
 
 
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/openai/deployments/gpt-4o-transcribe/audio/transcriptions?api-version=2025-03-01-preview",
+        "/openai/v1/audio/transcriptions",
+        "/v1/audio/transcriptions",
+    ],
+)
+def test_audio_transcriptions_are_budgeted_on_every_route(
+    make_settings: Callable[..., Any], tmp_path: Path, policy_dir: Path, path: str
+) -> None:
+    """The same transcription, by deployment path or by the v1 API (model in the form): settled to its usage."""
+    write_policy(policy_dir, dailyTokens=100_000, perRequestTokens=4_000)
+    with foundry_stack(make_settings, tmp_path) as s:
+        resp = httpx.post(
+            s.router.url + path,
+            files={"file": ("hello.wav", b"RIFF\x00\x00\x00\x00WAVE-not-really", "audio/wav")},
+            data={"model": "gpt-4o-transcribe"},
+            headers={"api-key": s.token},
+            timeout=20,
+        )
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["text"] == "Hello from the fake upstream."
+        assert s.fake.requests[-1].path.endswith("/audio/transcriptions")
+        assert (day(s)["used"], day(s)["reserved"]) == (59, 0)
+
+
 def test_unreachable_upstream_releases_the_reservation(
     make_settings: Callable[..., Any], tmp_path: Path, policy_dir: Path, dead_port: int
 ) -> None:
