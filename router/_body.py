@@ -71,6 +71,16 @@ async def read_json(scope: Scope, receive: Receive) -> Any:
     return parsed
 
 
+def rewrite_json(scope: Scope, doc: Any) -> None:
+    """Replace the JSON body read so far: the layers below, and the upstream, get ``doc``.
+
+    (The token budget layer adds the output maximum a request reserved for.) Call before ``replay``.
+    """
+    st = scope["state"]
+    st[_asgi.JSON] = doc
+    st[_asgi.BODY] = orjson.dumps(doc)
+
+
 async def read_form_fields(scope: Scope, receive: Receive) -> dict[str, str]:
     """The text fields of a ``multipart/form-data`` body (an image edit's ``prompt``); files are skipped.
 

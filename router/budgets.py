@@ -14,6 +14,12 @@
   names no maximum, the worst case is the smallest ``perRequestTokens`` of the policies that
   apply (or, with none, the prompt plus ``DEFAULT_OUTPUT_TOKENS``).
 
+**Bounded output.** A request that names no output maximum could generate more than its worst
+case, so the router adds the maximum it reserved for (``output_bound``): ``max_completion_tokens``
+on chat completions (``max_tokens`` on Azure API versions before 2024-09-01 and on ``/models``),
+``max_tokens`` on legacy completions, ``max_output_tokens`` on Responses, per choice. Only the
+prompt estimate can then be short of the usage settled afterwards.
+
 **Counters.** Each budget policy keeps its own counters: one per window it sets (hour, day,
 month: UTC calendar windows) for the caller's scope key: the sandbox (``ns/name``), its
 namespace (``ns``) or the whole cluster (``*``, every caller the policy applies to). The
@@ -38,6 +44,7 @@ DATA_URL_TOKENS = 1_500  # an inline image: the most a high-detail image costs o
 DEFAULT_OUTPUT_TOKENS = 4_096  # reserved when neither the request nor any policy bounds the output
 MAX_OUTPUT_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 CHOICE_FIELDS = ("n", "best_of")
+MAX_COMPLETION_TOKENS_SINCE = b"2024-09-01"  # Azure OpenAI API versions before it know only max_tokens
 CLUSTER_KEY = "*"
 
 
@@ -86,18 +93,57 @@ def requested_output(body: Any) -> int | None:
             most = value
     if most is None:
         return None
+    return most * _choices(body)
+
+
+def _choices(body: dict[str, Any]) -> int:
     choices = 1
     for field in CHOICE_FIELDS:
         value = body.get(field)
         if value is not None and _is_count(value) and value > choices:
             choices = value
-    return most * choices
+    return choices
+
+
+def _api_version(query: bytes) -> bytes | None:
+    for pair in query.split(b"&"):
+        name, _, value = pair.partition(b"=")
+        if name == b"api-version":
+            return value
+    return None
+
+
+def _output_field(upstream_path: str, query: bytes) -> str | None:
+    """The field that bounds the output of the endpoint at ``upstream_path`` (None: the endpoint has none)."""
+    if upstream_path.endswith("/chat/completions"):
+        if upstream_path.startswith("/models/"):
+            return "max_tokens"
+        version = _api_version(query)
+        if version is not None and version < MAX_COMPLETION_TOKENS_SINCE:
+            return "max_tokens"
+        return "max_completion_tokens"
+    if upstream_path.endswith("/completions"):
+        return "max_tokens"
+    if upstream_path.endswith("/responses"):
+        return "max_output_tokens"
+    return None
+
+
+def output_bound(upstream_path: str, query: bytes, body: Any, worst: WorstCase) -> tuple[str, int] | None:
+    """The output maximum to add to a request that names none: ``(field, tokens a choice)``, or None."""
+    if not worst.unbounded or not isinstance(body, dict):
+        return None
+    field = _output_field(upstream_path, query)
+    if field is None:
+        return None
+    return field, max(1, (worst.tokens - worst.prompt) // _choices(body))
 
 
 @dataclasses.dataclass(slots=True)  # not frozen: built per request (see router.stores.base.Counter)
 class WorstCase:
     prompt: int  # the prompt estimate
     tokens: int  # what the request reserves
+    unbounded: bool = False  # the request names no output maximum: ``tokens`` assumes one (output_bound)
 
 
 def worst_case(action: str, body: Any, policies: Sequence[model.InferencePolicy]) -> WorstCase:
@@ -110,8 +156,8 @@ def worst_case(action: str, body: Any, policies: Sequence[model.InferencePolicy]
     caps = [p.spec.token_budget.per_request_tokens for p in policies if p.spec.token_budget is not None]
     bounded = [c for c in caps if c is not None]
     if bounded:
-        return WorstCase(prompt, max(prompt, min(bounded)))
-    return WorstCase(prompt, prompt + DEFAULT_OUTPUT_TOKENS)
+        return WorstCase(prompt, max(prompt, min(bounded)), unbounded=True)
+    return WorstCase(prompt, prompt + DEFAULT_OUTPUT_TOKENS, unbounded=True)
 
 
 def over_cap(policies: Sequence[model.InferencePolicy], tokens: int) -> tuple[model.InferencePolicy, int] | None:

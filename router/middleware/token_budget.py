@@ -11,6 +11,8 @@ with a ``tokenBudget`` applies to the caller. In order:
    ``x-ratelimit-remaining-tokens`` and ``x-ratelimit-reset-tokens`` of that window. A full
    counter of a ``rejectOnExceed: false`` policy lets the request through, counted, with
    ``x-kars-budget: exceeded`` on the response, a metric and the access-log field ``budget``.
+   A request that names no output maximum is forwarded with the one it reserved for
+   (``budgets.output_bound``), so it cannot generate past it.
 3. After the response: usage reported by the transport -> settle to it; output sent but no usage
    (a stream cut short) -> keep the whole reservation; no output -> release it.
 
@@ -145,7 +147,7 @@ class TokenBudgetMiddleware:
         # A JSON body is read for its prompt and output bounds; a form (an image edit's) is not
         # estimated: it reserves what the policies allow a request.
         body = await _body.read_json(scope, receive) if _body.is_json(scope) else None
-        await _Budgeted(self, scope, plan, now).run(route.action, body, _body.replay(scope, receive), send)
+        await _Budgeted(self, scope, plan, now).run(route, body, receive, send)
 
 
 class _Budgeted:
@@ -161,10 +163,17 @@ class _Budgeted:
         self.now = now
         self.fields: dict[str, Any] = scope["state"].setdefault(_asgi.LOG_FIELDS, {})
 
-    async def run(self, action: str, body: Any, receive: Receive, send: Send) -> None:
+    async def run(self, route: inference.InferenceRoute, body: Any, receive: Receive, send: Send) -> None:
         mw, m, plan, now = self.mw, self.mw._metrics, self.plan, self.now
-        worst = budgets.worst_case(action, body, self.policies)
+        worst = budgets.worst_case(route.action, body, self.policies)
         self._check_cap(worst)
+        # A request that names no output maximum gets the one it reserves for (budgets: "Bounded output").
+        bound = budgets.output_bound(route.upstream_path, self.scope["query_string"], body, worst)
+        if bound is not None:
+            field, tokens = bound
+            _body.rewrite_json(self.scope, {**body, field: tokens})
+            self.fields["budgetMaxOutputTokens"] = tokens
+        receive = _body.replay(self.scope, receive)
         rid = mw.next_reservation_id()
         deadline = now + base.RESERVATION_TTL_S
         try:

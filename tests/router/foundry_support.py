@@ -31,6 +31,11 @@ class StateRecorder:
         if scope["type"] == "http":
             self.states.append(scope.get("state", {}))
 
+    def log_fields(self) -> dict[str, Any]:
+        """The access-log fields of the last request, once the router has returned from it."""
+        waiting.until(lambda: self.states, timeout_s=5, what="a finished request")
+        return self.states[-1].get("kars.log", {})  # type: ignore[no-any-return]
+
 
 @dataclasses.dataclass
 class Stack:

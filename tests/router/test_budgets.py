@@ -85,6 +85,46 @@ def test_worst_case() -> None:
     assert budgets.over_cap(capped, 500) is None
 
 
+@pytest.mark.parametrize(
+    ("path", "query", "body", "expected"),
+    [
+        ("/openai/deployments/d/chat/completions", b"api-version=2024-10-21", {}, ("max_completion_tokens", 900)),
+        (
+            "/openai/deployments/d/chat/completions",
+            b"api-version=2024-09-01-preview",
+            {},
+            ("max_completion_tokens", 900),
+        ),
+        ("/openai/deployments/d/chat/completions", b"x=1&api-version=2024-06-01", {}, ("max_tokens", 900)),
+        ("/openai/v1/chat/completions", b"", {"n": 3}, ("max_completion_tokens", 300)),
+        ("/models/chat/completions", b"api-version=2024-05-01-preview", {}, ("max_tokens", 900)),
+        ("/openai/deployments/d/completions", b"api-version=2024-10-21", {"best_of": 2}, ("max_tokens", 450)),
+        ("/openai/v1/responses", b"", {}, ("max_output_tokens", 900)),
+        ("/openai/deployments/d/embeddings", b"", {}, None),  # no output to bound
+        ("/openai/deployments/d/images/generations", b"", {}, None),
+        ("/openai/v1/chat/completions", b"", None, None),  # not a JSON object
+    ],
+)
+def test_output_bound(path: str, query: bytes, body: Any, expected: tuple[str, int] | None) -> None:
+    worst = budgets.WorstCase(prompt=100, tokens=1_000, unbounded=True)
+    assert budgets.output_bound(path, query, body, worst) == expected
+
+
+@pytest.mark.parametrize("body", [{"max_tokens": 5}, {"max_completion_tokens": 5}, {"max_output_tokens": 5}])
+def test_no_output_bound_when_the_caller_set_one(body: dict[str, Any]) -> None:
+    worst = budgets.worst_case("chat", body, [policy(perRequestTokens=900, dailyTokens=1000)])
+    assert not worst.unbounded
+    assert budgets.output_bound("/openai/v1/chat/completions", b"", body, worst) is None
+    assert budgets.worst_case("chat", {}, []).unbounded
+
+
+def test_output_bound_leaves_at_least_one_token() -> None:
+    """A prompt estimate that fills the whole per-request cap still sends a valid maximum."""
+    full = budgets.WorstCase(100, 100, unbounded=True)
+    bound = budgets.output_bound("/openai/v1/chat/completions", b"", {"n": 2}, full)
+    assert bound == ("max_completion_tokens", 1)
+
+
 def test_lines_name_policy_scope_key_and_window() -> None:
     now = dt.datetime(2026, 11, 22, 20, 30, tzinfo=dt.UTC).timestamp()
     policies = [

@@ -7,6 +7,7 @@ any output releases it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,44 @@ def test_settle_through_the_real_transport(
         if extra.get("stream") and deployment == "gpt-4o":
             assert '"total_tokens"' not in resp.text  # the usage chunk the caller did not ask for is stripped
         assert (day(s)["used"], day(s)["reserved"]) == (charged(), 0)
+
+
+def test_an_unbounded_request_is_sent_with_the_output_maximum_it_reserved_for(
+    make_settings: Callable[..., Any], tmp_path: Path, policy_dir: Path
+) -> None:
+    """No request can generate past its reservation (SPEC.md §3): the router adds the bound the caller left out."""
+    write_policy(policy_dir, dailyTokens=100_000)
+    with foundry_stack(make_settings, tmp_path) as s:
+        azure = openai.AzureOpenAI(azure_endpoint=s.router.url, api_version="2024-10-21", api_key=s.token)
+        azure.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # type: ignore[arg-type]
+        sent = json.loads(s.fake.requests[-1].body)
+        prompt = budgets.estimate_prompt_tokens({"model": "gpt-4o", "messages": MESSAGES})
+        assert sent == {"model": "gpt-4o", "messages": MESSAGES, "max_completion_tokens": budgets.DEFAULT_OUTPUT_TOKENS}
+        assert s.recorder.log_fields()["budgetReservedTokens"] == prompt + budgets.DEFAULT_OUTPUT_TOKENS
+        # Two choices share the bound; an API version from before max_completion_tokens gets max_tokens.
+        old = openai.AzureOpenAI(azure_endpoint=s.router.url, api_version="2024-06-01", api_key=s.token)
+        old.chat.completions.create(model="gpt-4o", messages=MESSAGES, n=2)  # type: ignore[arg-type]
+        assert json.loads(s.fake.requests[-1].body)["max_tokens"] == budgets.DEFAULT_OUTPUT_TOKENS // 2
+        # Responses, on the v1 API: max_output_tokens.
+        v1 = openai.OpenAI(base_url=s.router.url + "/openai/v1", api_key=s.token)
+        v1.responses.create(model="gpt-4o", input="Say hello")
+        assert json.loads(s.fake.requests[-1].body)["max_output_tokens"] == budgets.DEFAULT_OUTPUT_TOKENS
+        # A request that names its maximum goes as it was sent, byte for byte.
+        raw = json.dumps({"messages": MESSAGES, "max_tokens": MAX_TOKENS}, indent=1).encode()
+        resp = httpx.post(
+            f"{s.router.url}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
+            content=raw,
+            headers={"api-key": s.token, "content-type": "application/json"},
+            timeout=20,
+        )
+        assert resp.status_code == 200
+        assert s.fake.requests[-1].body == raw
+    # Under a per-request cap, the bound is what the cap leaves after the prompt estimate.
+    write_policy(policy_dir, dailyTokens=100_000, perRequestTokens=1_000)
+    with foundry_stack(make_settings, tmp_path) as s:
+        azure = openai.AzureOpenAI(azure_endpoint=s.router.url, api_version="2024-10-21", api_key=s.token)
+        azure.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # type: ignore[arg-type]
+        assert json.loads(s.fake.requests[-1].body)["max_completion_tokens"] == 1_000 - prompt
 
 
 def test_a_multipart_image_edit_is_budgeted_and_passed_through(
