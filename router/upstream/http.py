@@ -9,7 +9,7 @@ already avoids handshakes, which is what HTTP/2 would buy a proxy (bench/README.
 
 Everything aiohttp raises is translated here into ``router.errors`` (the one boundary):
 
-    connect refused / DNS / peer closed before replying -> UpstreamError(code="upstream_unavailable")
+    connect refused or timed out / DNS / peer closed before replying -> UpstreamError(code="upstream_unavailable")
     no headers or no next chunk within ``read_timeout_s`` -> UpstreamTimeout
     a reply that is not valid HTTP, or a body cut short  -> UpstreamError(code="upstream_error")
 
@@ -167,6 +167,9 @@ class Client:
             resp = await session.request(
                 method, url, headers=list(headers), data=body, allow_redirects=False, compress=None
             )
+        except aiohttp.ConnectionTimeoutError as exc:  # before TimeoutError, its base: nothing was sent
+            message = f"upstream unreachable: no connection within {self._timeouts.connect_s:g} s"
+            raise errors.UpstreamError(message, code="upstream_unavailable") from exc
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise errors.UpstreamTimeout(f"upstream did not answer within {self._timeouts.read_s:g} s") from exc
         except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:

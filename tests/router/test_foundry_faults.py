@@ -13,7 +13,7 @@ import pytest
 from router.policy import model
 from router.transports import foundry
 from tests.router.foundry_support import foundry_stack
-from tests.support import waiting
+from tests.support import servers, waiting
 
 MESSAGES = [{"role": "user", "content": "Say hello"}]
 
@@ -65,6 +65,26 @@ def test_connection_refused_is_502_upstream_unavailable(
         assert r.status_code == 502
         assert r.json()["error"]["code"] == "upstream_unavailable"
         assert s.metric("kars_upstream_errors_total", {"upstream": "foundry", "code": "upstream_unavailable"}) == 1
+        s.assert_idle(baseline)
+
+
+def test_a_connect_timeout_is_502_upstream_unavailable_and_falls_back(
+    make_settings: Callable[..., Any], tmp_path: Path, policy_dir: Path
+) -> None:
+    """No connection within connectTimeoutS: nothing was sent, so it is 'unreachable' and the
+    next deployment of the caller's modelPreference is tried (all three here: one endpoint)."""
+    (policy_dir / "prefer.yaml").write_text(PREFERENCE)
+    with (
+        servers.unanswered_port() as port,
+        foundry_stack(
+            make_settings, tmp_path, endpoint=f"http://127.0.0.1:{port}", foundry={"connectTimeoutS": 0.2}
+        ) as s,
+    ):
+        baseline = s.tasks()
+        r = chat(s.router.url, s.token, "throttled")
+        assert (r.status_code, r.json()["error"]["code"]) == (502, "upstream_unavailable")
+        assert "0.2 s" in r.json()["error"]["message"]
+        assert s.metric("kars_upstream_errors_total", {"upstream": "foundry", "code": "upstream_unavailable"}) == 3
         s.assert_idle(baseline)
 
 

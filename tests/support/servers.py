@@ -38,6 +38,21 @@ def refusing_port() -> Iterator[int]:
         yield int(s.getsockname()[1])
 
 
+@contextlib.contextmanager
+def unanswered_port() -> Iterator[int]:
+    """A loopback port where a connection is never accepted: a connect waits until its own timeout.
+
+    The socket listens with a backlog of 0 and one connection already fills it, so the kernel
+    drops further handshakes (an overloaded or firewalled host, as a client sees it).
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(0)
+        port = int(server.getsockname()[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            yield port
+
+
 class ServerThread(threading.Thread):
     def __init__(self, app: Any, *, host: str = "127.0.0.1", port: int | None = None, **config: Any) -> None:
         super().__init__(daemon=True, name="uvicorn-test")
