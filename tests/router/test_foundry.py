@@ -106,6 +106,60 @@ def test_chat_stream_without_include_usage_adds_it_and_strips_the_chunk(stack: S
     assert_credentials_swapped(stack)
 
 
+def test_chat_stream_with_include_usage_false_gets_usage_upstream_but_not_the_chunk(stack: Stack) -> None:
+    """The caller said no usage chunk; the router still needs the usage (SPEC.md §2): asked for, then stripped."""
+    chunks = list(
+        azure(stack).chat.completions.create(
+            model="gpt-4o",
+            messages=MESSAGES,  # type: ignore[arg-type]
+            stream=True,
+            stream_options={"include_usage": False},
+        )
+    )
+    assert all(c.usage is None for c in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello from the fake upstream."
+    assert stack.fake.requests[-1].json()["stream_options"] == {"include_usage": True}
+    assert last_usage(stack) == usage_mod.Usage(9, 6, 15)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "upstream_path"),
+    [
+        ("GET", "/openai/v1/models", "/openai/v1/models"),
+        ("GET", "/v1/models", "/openai/v1/models"),  # the alias
+        ("GET", "/openai/v1/files", "/openai/v1/files"),
+        ("POST", "/openai/v1/batches", "/openai/v1/batches"),
+        ("GET", "/openai/v1/vector_stores", "/openai/v1/vector_stores"),
+        ("POST", "/openai/v1/conversations", "/openai/v1/conversations"),
+        ("GET", "/models/info?api-version=2024-05-01-preview", "/models/info"),
+        (
+            "POST",
+            "/openai/deployments/dall-e-3/images/generations?api-version=2024-10-21",
+            "/openai/deployments/dall-e-3/images/generations",
+        ),
+        ("DELETE", "/openai/v1/files/file-abc123", "/openai/v1/files/file-abc123"),
+    ],
+)
+def test_every_route_family_reaches_the_upstream_with_the_router_credential(
+    stack: Stack, method: str, path: str, upstream_path: str
+) -> None:
+    """SPEC.md §2's routes beyond chat/embeddings/Responses: forwarded as they are, the upstream's answer relayed."""
+    body: dict[str, Any] | None = None
+    if method == "POST":
+        batch = {"input_file_id": "file-abc123", "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+        body = {"prompt": "A cat in a hat", "n": 1} if "images" in path else batch
+    r = httpx.request(method, stack.router.url + path, json=body, headers={"api-key": stack.token}, timeout=10)
+    seen = stack.fake.requests[-1]
+    assert (seen.method, seen.path) == (method, upstream_path)
+    if "?" in path:
+        assert seen.query == {"api-version": [path.rpartition("=")[2]]}
+    if body is not None:
+        assert seen.json() == body
+    assert_credentials_swapped(stack)
+    # The fake knows none of these: its Azure-shaped 404 reaches the caller as it was sent.
+    assert (r.status_code, r.json()) == (404, {"error": {"code": "404", "message": "Resource not found"}})
+
+
 @pytest.mark.parametrize("prefix", ["/openai/v1", "/v1"])
 def test_chat_stream_with_include_usage_keeps_the_chunk(stack: Stack, prefix: str) -> None:
     chunks = list(
