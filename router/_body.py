@@ -20,7 +20,7 @@ from starlette.types import Message, Receive, Scope
 
 from router import _asgi, errors
 
-_DECLARED_JSON = "kars.body_is_json"  # scope state: the answer of is_json
+_AS_JSON = "kars.body_is_json"  # scope state: the answer of is_json
 
 
 def is_json(scope: Scope) -> bool:
@@ -33,10 +33,10 @@ def is_json(scope: Scope) -> bool:
     content safety, the transport).
     """
     st = scope["state"]
-    declared: bool | None = st.get(_DECLARED_JSON)
-    if declared is None:
-        declared = st[_DECLARED_JSON] = not _asgi.is_form(_asgi.header(scope, b"content-type"))
-    return declared
+    as_json: bool | None = st.get(_AS_JSON)
+    if as_json is None:
+        as_json = st[_AS_JSON] = not _asgi.is_form(_asgi.header(scope, b"content-type"))
+    return as_json
 
 
 async def read(scope: Scope, receive: Receive) -> bytes:
