@@ -361,3 +361,70 @@ def test_a_2025_03_26_batch_is_answered_on_one_stream(start: Callable[..., Any])
     notes = [{"jsonrpc": "2.0", "method": "notifications/roots/list_changed"}] * 2
     assert httpx.post(f"{router.url}/mcp/tools", json=notes, headers=hdrs).status_code == 202
     assert httpx.post(f"{router.url}/mcp/tools", json=[], headers=hdrs).status_code == 400
+
+
+class RecordingUpstream:
+    """The SDK upstream behind a wrapper that keeps every request body it read (what reached it)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.bodies: list[bytes] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def recording() -> Any:
+            message = await receive()
+            if message["type"] == "http.request":
+                self.bodies.append(message.get("body", b""))
+            return message
+
+        await self.app(scope, recording, send)
+
+
+def test_invalid_json_rpc_is_refused_unforwarded_and_the_session_lives_on(
+    router_server: Callable[..., Any], policy_dir: Path
+) -> None:
+    """A tools/call without an id (a 'notification' that would skip the tool policy), a null id,
+    and one id twice in a batch: each a 400 that never reaches the upstream; the session stays."""
+    upstream = RecordingUpstream(ms.build_upstream().streamable_http_app())
+    with servers.serve(upstream) as srv:
+        ms.write_policy(
+            policy_dir,
+            ms.mcp_server_doc("tools", f"{srv.url}/mcp", "streamable-http"),
+            ms.tool_policy_doc("no-secret", "appliesTo: {mcpServer: tools, tool: secret}\ndecision: deny\n"),
+        )
+        router = router_server()
+        session = initialize(router)
+        hdrs = headers(router, **{"mcp-session-id": session, "mcp-protocol-version": VERSION})
+        secret = {"name": "secret", "arguments": {}}
+        ping = {"jsonrpc": "2.0", "id": 9, "method": "ping"}
+        invalid: list[tuple[Any, str]] = [
+            ({"jsonrpc": "2.0", "method": "tools/call", "params": secret}, "tools/call is a request: it needs an id"),
+            ({"jsonrpc": "2.0", "id": None, "method": "ping"}, "a request id must be a string or an integer"),
+            ({"jsonrpc": "2.0", "id": True, "method": "ping"}, "a request id must be a string or an integer"),
+            ([ping, ping], "request id 9 is used twice in one batch"),
+            ([], "the batch is empty"),
+        ]
+        seen = len(upstream.bodies)
+        for body, reason in invalid:
+            resp = httpx.post(f"{router.url}/mcp/tools", json=body, headers=hdrs, timeout=10)
+            assert (resp.status_code, resp.json()["error"]["code"]) == (400, "invalid_request"), resp.text
+            assert reason in resp.json()["error"]["message"]
+        assert upstream.bodies[seen:] == []  # nothing reached the upstream
+        # The legacy endpoint reads messages the same way.
+        legacy = httpx.post(
+            f"{router.url}/mcp/tools/messages?sessionId=whatever",
+            json=invalid[0][0],
+            headers=headers(router),
+            timeout=10,
+        )
+        assert legacy.status_code in (400, 404)  # refused before or at the session lookup
+        assert upstream.bodies[seen:] == []
+        # The session is alive: the denied tool is still denied, the rest answered.
+        assert sse_messages(call(router, session, "secret", {}))[0]["error"]["code"] == -32001
+        assert (
+            sse_messages(call(router, session, "echo", {"text": "still here"}))[0]["result"]["content"][0]["text"]
+            == "still here"
+        )

@@ -40,6 +40,40 @@ def dumps(message: Any) -> str:
     return orjson.dumps(message).decode()
 
 
+def client_messages(body: Any) -> list[dict[str, Any]]:
+    """The JSON-RPC messages of one POST body (a message or a batch); ``ValueError`` says what is wrong.
+
+    A request id is a string or an integer (MCP: never null) and is not used twice in one batch;
+    a message without an id must be a notification (every MCP notification is ``notifications/...``):
+    a ``tools/call`` without an id is not one the router would forward unjudged.
+    """
+    items = body if isinstance(body, list) else [body]
+    if not items:
+        raise ValueError("the batch is empty")
+    ids: set[Any] = set()
+    for m in items:
+        if not isinstance(m, dict) or m.get("jsonrpc") != "2.0":
+            raise ValueError("body is not a JSON-RPC 2.0 message")
+        if "method" not in m:
+            if "id" not in m or not ("result" in m or "error" in m):
+                raise ValueError("body is not a JSON-RPC 2.0 message")
+            continue
+        method = m["method"]
+        if not isinstance(method, str):
+            raise ValueError("method must be a string")
+        if "id" not in m:
+            if not method.startswith("notifications/"):
+                raise ValueError(f"{method} is a request: it needs an id")
+            continue
+        request_id = m["id"]
+        if isinstance(request_id, bool) or not isinstance(request_id, str | int):
+            raise ValueError("a request id must be a string or an integer")
+        if request_id in ids:
+            raise ValueError(f"request id {request_id!r} is used twice in one batch")
+        ids.add(request_id)
+    return items
+
+
 def is_request(message: dict[str, Any]) -> bool:
     return "method" in message and "id" in message
 

@@ -155,6 +155,10 @@ class Gateway:
             return None
         method = message.get("method")
         request_id = message.get("id")
+        if request_id in session.pending:  # MCP: an id is not reused within a session
+            busy = f"request id {request_id!r} is still in use in this session"
+            target.push(_wire.dumps(_wire.error(request_id, _wire.INVALID_REQUEST, busy)))
+            return None
         if self._store.snapshot.generation != session.generation:
             self._refresh_gate(session)  # policy reloaded: this request is judged by the new one
         if method == "tools/call" and not await self._admit_call(session, message, target):

@@ -60,7 +60,7 @@ class MessagesEndpoint:
         if content_type.split(";")[0].strip().lower() != _wire.CONTENT_TYPE_JSON:
             raise streamable.UnsupportedMediaType("Content-Type must be application/json")
         body = await _body.read_json(scope, receive)
-        for message in streamable._messages(body):
+        for message in streamable.messages_of(body):
             raw = scope["state"][_asgi.BODY] if not isinstance(body, list) else _wire.dumps(message).encode()
             await self.gw.dispatch(session, message, raw, session.main)
         await send({"type": "http.response.start", "status": 202, "headers": [(b"content-length", b"8")]})

@@ -34,14 +34,12 @@ class UnsupportedMediaType(errors.InvalidRequest):
     default_code = "unsupported_media_type"
 
 
-def _messages(body: Any) -> list[dict[str, Any]]:
-    items = body if isinstance(body, list) else [body]
-    if not items or not all(
-        isinstance(m, dict) and m.get("jsonrpc") == "2.0" and ("method" in m or "result" in m or "error" in m)
-        for m in items
-    ):
-        raise errors.InvalidRequest("body is not a JSON-RPC 2.0 message")
-    return items
+def messages_of(body: Any) -> list[dict[str, Any]]:
+    """The client's JSON-RPC messages in a POST body; one that is not valid is a 400 (nothing is forwarded)."""
+    try:
+        return _wire.client_messages(body)
+    except ValueError as exc:
+        raise errors.InvalidRequest(str(exc)) from None
 
 
 class StreamableEndpoint:
@@ -78,7 +76,7 @@ class StreamableEndpoint:
         content_type = (_asgi.header(scope, b"content-type") or b"").decode("latin-1")
         if content_type.split(";")[0].strip().lower() != _wire.CONTENT_TYPE_JSON:
             raise UnsupportedMediaType("Content-Type must be application/json")
-        messages = _messages(await _body.read_json(scope, receive))
+        messages = messages_of(await _body.read_json(scope, receive))
         is_init = any(m.get("method") == "initialize" for m in messages)
         if is_init:
             if len(messages) != 1 or not _wire.is_request(messages[0]):
