@@ -81,9 +81,20 @@ class InvalidRequest(KarsError):
 
 
 class Unauthenticated(KarsError):
+    """401 with ``WWW-Authenticate: Bearer`` (RFC 6750 §3): ``error="invalid_token"`` when a token was
+    presented and refused; none when there was none."""
+
     status = 401
     default_code = "invalid_credentials"
     error_type = "authentication_error"
+
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        if "WWW-Authenticate" not in self.headers:
+            challenge = 'Bearer realm="kars"'
+            if self.code != "missing_credentials":
+                challenge += ', error="invalid_token"'
+            self.headers["WWW-Authenticate"] = challenge
 
 
 class Forbidden(KarsError):

@@ -22,6 +22,7 @@ from router.identity.principal import Principal
 MAX_CACHED_TOKENS = 10_000
 MAX_TOKEN_BYTES = 16 * 1024
 _REQUIRED = ["exp", "iat", "aud", "iss", "sub"]
+CLOCK_SKEW_S = 30  # how far the issuer's clock may be from this router's (exp, iat and nbf)
 
 
 def looks_like_jwt(value: str) -> bool:
@@ -88,6 +89,7 @@ class TokenVerifier:
                 algorithms=[algorithm],
                 audience=self.audience,
                 issuer=issuer,
+                leeway=CLOCK_SKEW_S,
                 options={"require": _REQUIRED if issuer else [c for c in _REQUIRED if c != "iss"]},
             )
         except jwt.ExpiredSignatureError as exc:

@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from router.identity import devtokens
+from router.identity import devtokens, verifier
 from tests.fakes import oidc
 from tests.support import servers, tokens
 
@@ -42,6 +42,9 @@ def assert_401(resp: httpx.Response, code: str = "invalid_credentials") -> None:
     err = resp.json()["error"]
     assert err["code"] == code
     assert err["type"] == "authentication_error"
+    # RFC 6750 §3: the challenge, with invalid_token only when a token was presented.
+    invalid = ', error="invalid_token"' if code == "invalid_credentials" else ""
+    assert resp.headers["www-authenticate"] == f'Bearer realm="kars"{invalid}'
 
 
 # -- router-issued tokens ------------------------------------------------------------------
@@ -161,6 +164,20 @@ def test_service_account_tokens_rejected(router_server: Callable[..., Any], fake
     for label, token in bad.items():
         resp = whoami(srv, Authorization=f"Bearer {token}")
         assert resp.status_code == 401, f"{label}: {resp.status_code} {resp.text}"
+
+
+def test_service_account_token_from_a_clock_slightly_ahead_is_accepted(
+    router_server: Callable[..., Any], fake_oidc: Any
+) -> None:
+    """Issued 'in the future' by a few seconds of clock drift: accepted; by minutes: refused."""
+    fake, idp = fake_oidc
+    srv = router_server(**sa_settings(idp))
+    ahead = fake.token("team-a", "agent-7", now=time.time() + verifier.CLOCK_SKEW_S / 3)
+    assert whoami(srv, Authorization=f"Bearer {ahead}").status_code == 200
+    far_ahead = fake.token("team-a", "agent-7", now=time.time() + verifier.CLOCK_SKEW_S * 4)
+    assert_401(whoami(srv, Authorization=f"Bearer {far_ahead}"))
+    just_expired = fake.token("team-a", "agent-7", now=time.time() - 3600 - verifier.CLOCK_SKEW_S / 3)
+    assert whoami(srv, Authorization=f"Bearer {just_expired}").status_code == 200
 
 
 def test_unknown_kid_refetches_once_then_is_rate_limited(router_server: Callable[..., Any], fake_oidc: Any) -> None:
