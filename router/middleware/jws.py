@@ -86,7 +86,7 @@ class JwsMiddleware:
             receive = await self._verify_request(scope, receive, token)
         else:
             self._refuse_unsigned_agent(scope)
-        if scope["type"] == "http" and scope.get("method") == "GET":
+        if scope["type"] == "http" and scope.get("method") in ("GET", "HEAD"):  # a HEAD is answered as a GET
             agent = self._signed_card_agent(scope)
             if agent is not None:
                 return await self._serve_verified_card(scope, receive, send, agent)

@@ -205,6 +205,8 @@ def test_forged_cards_are_never_served(env: Env, reasons: Callable[[], list[str]
         assert reason in resp.json()["error"]["message"], name
         assert any(reason in line for line in reasons()), (name, reasons())
         assert env.agent.card_body[0] not in resp.content
+        head = httpx.head(env.card_url(), headers=env.sandbox_auth(), timeout=WAIT_S)
+        assert head.status_code == 502, (name, head.headers)  # nor vouched for by a HEAD
 
 
 def test_jku_on_an_allowlisted_host_is_accepted(env: Env) -> None:
@@ -213,6 +215,8 @@ def test_jku_on_an_allowlisted_host_is_accepted(env: Env) -> None:
     body = serve_card(env, signed)
     resp = httpx.get(env.card_url(), headers=env.sandbox_auth(), timeout=WAIT_S)
     assert resp.status_code == 200 and resp.content == body
+    head = httpx.head(env.card_url(), headers=env.sandbox_auth(), timeout=WAIT_S)
+    assert head.status_code == 200 and head.headers["content-length"] == str(len(body))
 
 
 def test_one_good_signature_among_bad_ones_is_enough() -> None:
