@@ -104,12 +104,26 @@ def policy_files(directory: Path) -> list[Path]:
     )
 
 
+class _KubernetesYaml(yaml.SafeLoader):
+    """YAML as it reaches a CRD's schema: an unquoted timestamp stays a string.
+
+    PyYAML would make ``shutdownTime: 2030-01-01T00:00:00Z`` a datetime, which the schema (a
+    string, ``format: date-time``) rejects; the API server keeps the text, and so does this loader.
+    """
+
+
+_KubernetesYaml.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
 def _documents(path: Path, text: str) -> Iterator[Any]:
     if path.suffix == ".json":
         data = json.loads(text)
         yield from _unlist(data)
         return
-    for data in yaml.safe_load_all(text):
+    for data in yaml.load_all(text, Loader=_KubernetesYaml):
         if data is not None:
             yield from _unlist(data)
 

@@ -63,6 +63,23 @@ def test_strings_are_not_coerced_to_numbers(policy_dir: Path) -> None:
     )
 
 
+def test_unquoted_timestamps_load_as_the_api_server_reads_them(policy_dir: Path) -> None:
+    """The same YAML as in a cluster: an unquoted date-time is the string the schema asks for."""
+    sandbox = """\
+        apiVersion: kars.azure.com/v1alpha1
+        kind: KarsSandbox
+        metadata: {name: agent-1, namespace: team-a}
+        spec:
+          image: ghcr.io/example/agent:1
+          lifecycle: {shutdownTime: 2030-01-01T00:00:00Z}
+        """
+    write(policy_dir, "s.yaml", sandbox)
+    result = load.load_dir(policy_dir)
+    assert result.ok, result.lines()
+    (found,) = result.resources
+    assert found.resource.spec.lifecycle.shutdown_time == "2030-01-01T00:00:00Z"
+
+
 def test_cross_field_rules(policy_dir: Path) -> None:
     write(policy_dir, "p.yaml", inference("inverted", "tokenBudget: {hourlyTokens: 100, dailyTokens: 50}"))
     (line,) = load.load_dir(policy_dir).lines()
