@@ -39,6 +39,12 @@ def labels(name: str) -> dict[str, str]:
     }
 
 
+def owned_by(obj: Body | None, owner: Body) -> bool:
+    """Whether ``obj`` lists ``owner`` (a sandbox's owner reference, by uid) among its owners."""
+    refs = ((obj or {}).get("metadata") or {}).get("ownerReferences") or []
+    return any(ref.get("uid") == owner["uid"] for ref in refs)
+
+
 def owner_reference(sandbox: Body) -> Body:
     """Makes the sandbox the controlling owner, so the garbage collector removes children."""
     meta = sandbox.get("metadata", {})

@@ -20,8 +20,8 @@ from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 from kubernetes_asyncio.config.config_exception import ConfigException
 
+from controller import builders, projection
 from controller import config as ctl_config
-from controller import projection
 from router.policy import model
 
 MERGE_PATCH = "application/merge-patch+json"
@@ -30,6 +30,20 @@ PERMANENT_STATUSES = frozenset({400, 403, 405, 413, 415, 422})
 
 Body = dict[str, Any]
 T = TypeVar("T")
+NAME_TAKEN_RETRY_S = 30.0
+
+
+class NameTaken(kopf.TemporaryError):  # type: ignore[misc]
+    """A child's name is held by an object the sandbox does not own: left untouched, retried later."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"{what} exists and is not this sandbox's; it is left as it is", delay=NAME_TAKEN_RETRY_S)
+
+
+def _claim(what: str, current: Body | None, desired: Body) -> None:
+    """Raise ``NameTaken`` unless ``current`` is owned by the sandbox that owns ``desired``."""
+    if not builders.owned_by(current, desired["metadata"]["ownerReferences"][0]):
+        raise NameTaken(what)
 
 
 def map_api_error(exc: BaseException, what: str) -> kopf.PermanentError | kopf.TemporaryError:
@@ -115,26 +129,25 @@ class Kube:
 
     async def ensure_service_account(self, body: Body) -> None:
         ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
-        created = await _call(
-            f"create ServiceAccount {ns}/{name}", self.core.create_namespaced_service_account(ns, body), exists_ok=True
-        )
-        if created is None:  # exists: keep its annotations (workload identity) in step
+        what = f"ServiceAccount {ns}/{name}"
+        created = await _call(f"create {what}", self.core.create_namespaced_service_account(ns, body), exists_ok=True)
+        if created is None:  # exists: keep its annotations (workload identity) in step, if it is ours
+            current = self._plain(await _call(f"read {what}", self.core.read_namespaced_service_account(name, ns)))
+            _claim(what, current, body)
             patch = {"metadata": {"annotations": body["metadata"].get("annotations") or {}}}
             await _call(
-                f"patch ServiceAccount {ns}/{name}",
-                self.core.patch_namespaced_service_account(name, ns, patch, _content_type=MERGE_PATCH),
+                f"patch {what}", self.core.patch_namespaced_service_account(name, ns, patch, _content_type=MERGE_PATCH)
             )
 
     async def ensure_service(self, body: Body) -> None:
         ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
-        created = await _call(
-            f"create Service {ns}/{name}", self.core.create_namespaced_service(ns, body), exists_ok=True
-        )
+        what = f"Service {ns}/{name}"
+        created = await _call(f"create {what}", self.core.create_namespaced_service(ns, body), exists_ok=True)
         if created is None:
-            await _call(
-                f"patch Service {ns}/{name}",
-                self.core.patch_namespaced_service(name, ns, {"spec": body["spec"]}, _content_type=MERGE_PATCH),
-            )
+            current = self._plain(await _call(f"read {what}", self.core.read_namespaced_service(name, ns)))
+            _claim(what, current, body)
+            patch = {"spec": body["spec"]}
+            await _call(f"patch {what}", self.core.patch_namespaced_service(name, ns, patch, _content_type=MERGE_PATCH))
 
     async def get_pod(self, namespace: str, name: str) -> Body | None:
         call = self.core.read_namespaced_pod(name, namespace, _preload_content=False)
@@ -148,17 +161,25 @@ class Kube:
     async def delete_pod(self, namespace: str, name: str) -> None:
         await _call(f"delete Pod {namespace}/{name}", self.core.delete_namespaced_pod(name, namespace), missing_ok=True)
 
-    async def delete_children(self, namespace: str, name: str) -> None:
-        """Explicit cleanup on sandbox deletion (owner references cover it too in a real cluster)."""
-        await self.delete_pod(namespace, name)
-        await _call(
-            f"delete Service {namespace}/{name}", self.core.delete_namespaced_service(name, namespace), missing_ok=True
+    async def delete_children(self, namespace: str, name: str, owner: Body) -> None:
+        """Explicit cleanup on sandbox deletion (owner references cover it too in a real cluster).
+
+        Only what the sandbox owns: an object that merely shares its name is left alone.
+        """
+        if builders.owned_by(await self.get_pod(namespace, name), owner):
+            await self.delete_pod(namespace, name)
+        what = f"Service {namespace}/{name}"
+        service = self._plain(
+            await _call(f"read {what}", self.core.read_namespaced_service(name, namespace), missing_ok=True)
         )
-        await _call(
-            f"delete ServiceAccount {namespace}/{name}",
-            self.core.delete_namespaced_service_account(name, namespace),
-            missing_ok=True,
+        if builders.owned_by(service, owner):
+            await _call(f"delete {what}", self.core.delete_namespaced_service(name, namespace), missing_ok=True)
+        what = f"ServiceAccount {namespace}/{name}"
+        account = self._plain(
+            await _call(f"read {what}", self.core.read_namespaced_service_account(name, namespace), missing_ok=True)
         )
+        if builders.owned_by(account, owner):
+            await _call(f"delete {what}", self.core.delete_namespaced_service_account(name, namespace), missing_ok=True)
 
     # -- the projection -----------------------------------------------------------------------
 

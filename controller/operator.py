@@ -87,6 +87,18 @@ def build_registry(ctl: reconciler.Controller, settings: config.ControllerSettin
         ctl.observe("MODIFIED", dict(body))
         try:
             status = await ctl.reconcile_sandbox(dict(body))
+        except kube.NameTaken as exc:
+            kopf.warn(body, reason="NameConflict", message=str(exc))
+            patch.status["phase"] = "Pending"
+            patch.status["conditions"] = conditions.set_condition(
+                (body.get("status") or {}).get("conditions"),
+                "Ready",
+                "False",
+                "NameConflict",
+                str(exc),
+                now=ctl.clock(),
+            )
+            raise
         except kopf.PermanentError as exc:
             kopf.warn(body, reason="ReconcileFailed", message=str(exc))
             patch.status["phase"] = "Failed"
@@ -97,8 +109,8 @@ def build_registry(ctl: reconciler.Controller, settings: config.ControllerSettin
             ctl.index.get(projection.key_of(body), {}).setdefault("status", {}).update(status)
 
     @on.delete(GROUP, VERSION, "karssandboxes", **sandboxes)  # type: ignore[arg-type]
-    async def _delete(name: str, namespace: str, **_: Any) -> None:
-        await ctl.kube.delete_children(namespace, name)
+    async def _delete(name: str, namespace: str, body: kopf.Body, **_: Any) -> None:
+        await ctl.kube.delete_children(namespace, name, builders.owner_reference(dict(body)))
 
     @on.timer(
         GROUP,

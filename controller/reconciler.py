@@ -253,6 +253,8 @@ class Controller:
         ns, name = sandbox.namespace, sandbox.name
         owner = builders.owner_reference(dict(body))
         current = await self.kube.get_pod(ns, name)
+        if current is not None and not builders.owned_by(current, owner):
+            raise kube.NameTaken(f"Pod {ns}/{name}")  # never deleted or replaced: it is someone else's
         decision = builders.lifecycle(sandbox.spec, current, self.clock())
         if decision.delete_sandbox:
             log.info("sandbox %s/%s finished; ttlSecondsAfterFinished passed: deleting it", ns, name)

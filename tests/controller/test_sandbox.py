@@ -270,3 +270,32 @@ async def test_fixing_an_invalid_sandbox_reconciles_it(cluster: Cluster, run_con
         await wait_until(lambda: cluster.get("pods", NS, "agent-1"), "the pod once the spec is valid")
         await wait_until(lambda: _phase(cluster) == "Pending", "phase Pending")
         assert _ready(cluster.get(SANDBOXES, NS, "agent-1"))["reason"] != "InvalidSpec"  # type: ignore[index]
+
+
+async def test_objects_that_only_share_the_name_are_never_taken_over(
+    cluster: Cluster, run_controller: ControllerFactory
+) -> None:
+    """A Pod and a Service named like the sandbox but not its own: not deleted, not patched, not
+    removed with the sandbox; the sandbox says why it is not ready."""
+    foreign_pod = {"metadata": {"name": "agent-1", "namespace": NS}, "spec": {"containers": [{"name": "billing"}]}}
+    foreign_svc = {
+        "metadata": {"name": "agent-1", "namespace": NS},
+        "spec": {"selector": {"app": "billing"}, "ports": [{"port": 80}]},
+    }
+    pod = await cluster.create("pods", foreign_pod)
+    await cluster.create("services", foreign_svc)
+    async with run_controller():
+        await cluster.create(SANDBOXES, sandbox())
+        ready = await wait_until(
+            lambda: (r := _ready(cluster.get(SANDBOXES, NS, "agent-1"))) and r["reason"] == "NameConflict" and r,
+            "Ready=False NameConflict",
+        )
+        assert ready["status"] == "False" and "is not this sandbox's" in ready["message"]
+        assert _phase(cluster) == "Pending"
+        await asyncio.sleep(0.5)
+        assert cluster.get("pods", NS, "agent-1")["metadata"]["uid"] == pod["metadata"]["uid"]  # type: ignore[index]
+        assert cluster.get("services", NS, "agent-1")["spec"]["selector"] == {"app": "billing"}  # type: ignore[index]
+        await cluster.delete(SANDBOXES, NS, "agent-1")
+        await wait_until(lambda: cluster.get(SANDBOXES, NS, "agent-1") is None, "the sandbox gone")
+        assert cluster.get("pods", NS, "agent-1") is not None
+        assert cluster.get("services", NS, "agent-1") is not None
