@@ -166,6 +166,35 @@ def test_router_config_is_accepted_by_the_router(tmp_path: Path) -> None:
         assert parsed.admin.token_file == Path("/etc/kars/admin/token")
 
 
+def test_a_default_install_brings_the_redis_its_router_names() -> None:
+    """The default budget store is redis: the chart deploys one and the router's URL names its Service.
+    A URL (or a Secret) of the operator's own, or another store, deploys none."""
+    docs = render()
+    (redis,) = [d for d in by_kind(docs, "Deployment") if d["metadata"]["name"] == "kars-redis"]
+    (service,) = [d for d in by_kind(docs, "Service") if d["metadata"]["name"] == "kars-redis"]
+    assert service["spec"]["selector"] == redis["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["ports"][0]["port"] == 6379
+    container = redis["spec"]["template"]["spec"]["containers"][0]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    (cm,) = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"] == "kars-router-config"]
+    budgets = yaml.safe_load(cm["data"]["router.yaml"])["budgets"]
+    assert budgets == {"store": "redis", "redisUrl": "redis://kars-redis:6379/0"}
+    for own in (
+        {"router": {"budgets": {"redisUrl": "rediss://cache.example:6380/0"}}},
+        VARIANTS["namespaced-monitored"],  # a Secret names the URL
+        VARIANTS["api-key-sqlite"],
+        {"redis": {"deploy": False}},
+    ):
+        names = {d["metadata"]["name"] for d in render(own)}
+        assert "kars-redis" not in names, own
+    (cm,) = [
+        d
+        for d in by_kind(render({"router": {"budgets": {"redisUrl": "rediss://cache.example:6380/0"}}}), "ConfigMap")
+        if d["metadata"]["name"] == "kars-router-config"
+    ]
+    assert yaml.safe_load(cm["data"]["router.yaml"])["budgets"]["redisUrl"] == "rediss://cache.example:6380/0"
+
+
 def test_router_deployment_mounts_policy_and_wires_identity() -> None:
     docs = render(VARIANTS["namespaced-monitored"])
     (router,) = [d for d in by_kind(docs, "Deployment") if d["metadata"]["name"] == "kars-router"]

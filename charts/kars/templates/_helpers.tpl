@@ -34,3 +34,14 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/name: kars-controller
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
+
+{{- /* The chart's own Redis: when the router's store is redis and no URL or Secret names another. */ -}}
+{{- define "kars.redis" -}}{{ include "kars.fullname" . | trunc 57 | trimSuffix "-" }}-redis{{- end -}}
+{{- define "kars.deployRedis" -}}
+{{- $b := .Values.router.budgets -}}
+{{- if and .Values.redis.deploy (eq $b.store "redis") (not $b.redisUrl) (not $b.redisUrlSecret.name) -}}true{{- end -}}
+{{- end -}}
+{{- define "kars.redisSelector" -}}
+app.kubernetes.io/name: kars-redis
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
