@@ -74,7 +74,9 @@ VARIANTS = {
             "budgets": {"redisUrlSecret": {"name": "redis", "key": "url"}},
         },
     },
-    "api-key-sqlite": {"router": {"foundry": {"apiKeySecret": "foundry-key"}, "budgets": {"store": "sqlite"}}},
+    "api-key-sqlite": {
+        "router": {"replicas": 1, "foundry": {"apiKeySecret": "foundry-key"}, "budgets": {"store": "sqlite"}}
+    },
 }
 
 
@@ -92,6 +94,8 @@ def test_default_values_validate_against_the_schema() -> None:
         {"router": {"safety": {"floor": {"hate": "Extreme"}}}},
         {"controller": {"typo": 1}},
         {"router": {"foundry": {"endpoint": "not a url"}}},
+        {"router": {"budgets": {"store": "sqlite"}}},  # two replicas would not share per-pod counters
+        {"router": {"budgets": {"store": "memory"}, "replicas": 3}},
     ],
 )
 def test_bad_values_are_refused_by_the_schema(bad: dict[str, Any]) -> None:
