@@ -80,7 +80,7 @@ class Response:
             try:
                 return await self._resp.read(), True
             except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-                raise errors.UpstreamTimeout("upstream stopped sending") from exc
+                raise errors.UpstreamTimeout(self._client.stopped_sending()) from exc
             except aiohttp.ClientError as exc:
                 raise errors.UpstreamError(f"upstream reply broken off: {type(exc).__name__}") from exc
         chunks: list[bytes] = []
@@ -102,7 +102,7 @@ class Response:
                     return
                 yield chunk
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise errors.UpstreamTimeout("upstream stopped sending") from exc
+            raise errors.UpstreamTimeout(self._client.stopped_sending()) from exc
         except aiohttp.ClientError as exc:
             raise errors.UpstreamError(f"upstream reply broken off: {type(exc).__name__}") from exc
 
@@ -154,6 +154,9 @@ class Client:
         """Connections checked out of the pool now (0 when idle: nothing leaked)."""
         connector = self._connector
         return len(connector._acquired) if connector is not None else 0
+
+    def stopped_sending(self) -> str:
+        return f"upstream stopped sending for {self._timeouts.read_s:g} s"
 
     async def request(
         self, method: str, path: str, *, headers: Iterable[tuple[str, str]], body: bytes | None

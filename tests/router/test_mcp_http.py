@@ -428,3 +428,15 @@ def test_invalid_json_rpc_is_refused_unforwarded_and_the_session_lives_on(
             sse_messages(call(router, session, "echo", {"text": "still here"}))[0]["result"]["content"][0]["text"]
             == "still here"
         )
+
+
+def test_a_tool_that_outlasts_the_read_timeout_fails_alone(start: Callable[..., Any]) -> None:
+    """The call gets a JSON-RPC error of its own and the upstream is told to cancel it; the
+    session, and the calls after it, go on (a slow tool is not a dead upstream)."""
+    router = start(mcp={"upstreamReadTimeoutS": 0.5})
+    session = initialize(router)
+    (answer,) = sse_messages(call(router, session, "hang", {}, rid=21))
+    assert answer["id"] == 21 and answer["error"]["code"] == -32007
+    assert answer["error"]["message"] == "upstream stopped sending for 0.5 s"
+    (echoed,) = sse_messages(call(router, session, "echo", {"text": "after"}, rid=22))
+    assert echoed["result"]["content"][0]["text"] == "after"

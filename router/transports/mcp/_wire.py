@@ -27,6 +27,7 @@ INTERNAL_ERROR = -32603
 TOOL_DENIED = -32001  # SPEC.md §3 ToolPolicy: a denied tools/call
 TOOL_RATE_LIMITED = -32005  # per-tool rate limit; error.data.retryAfterMs says when to retry
 UPSTREAM_LOST = -32006  # the upstream session ended before answering
+UPSTREAM_TIMEOUT = -32007  # the upstream did not answer this request in time; the session goes on
 
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream"),

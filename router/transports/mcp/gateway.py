@@ -176,6 +176,17 @@ class Gateway:
         session.spawn(pump.run(), "kars-mcp-pump")
         return None
 
+    @staticmethod
+    async def _cancel_upstream(session: sessions.Session, request_id: Any, reason: str) -> None:
+        """Tell the upstream to stop a request nobody waits for any more (MCP ``notifications/cancelled``)."""
+        cancelled = {
+            "jsonrpc": "2.0",
+            "method": "notifications/cancelled",
+            "params": {"requestId": request_id, "reason": reason},
+        }
+        with contextlib.suppress(errors.KarsError, upstream.Gone):
+            await session.upstream.send(_wire.dumps(cancelled).encode())
+
     async def _admit_call(self, session: sessions.Session, message: dict[str, Any], target: Any) -> bool:
         params = message.get("params")
         tool = str(params.get("name")) if isinstance(params, dict) else ""
@@ -233,6 +244,10 @@ class Gateway:
                 raise upstream.Gone("upstream stream ended before the response")
         except upstream.Gone as exc:
             await self.end(session, f"upstream gone: {exc}")  # answers every pending request
+        except errors.UpstreamTimeout as exc:
+            if request_id in session.pending:
+                self._deliver(session, _wire.error(request_id, _wire.UPSTREAM_TIMEOUT, exc.message), target)
+            await self._cancel_upstream(session, request_id, exc.message)
         except errors.KarsError as exc:
             if request_id in session.pending:
                 self._deliver(session, _wire.error(request_id, _wire.INTERNAL_ERROR, exc.message), target)

@@ -118,6 +118,8 @@ class StreamableUpstream:
             resp = await client.request(
                 "POST", path, headers=self._headers("application/json, text/event-stream"), body=raw
             )
+        except errors.UpstreamTimeout:
+            raise  # this request went unanswered; the session itself may be fine
         except errors.KarsError as exc:
             raise Gone(exc.message) from exc
         if resp.status == 404 and self.session_id:
@@ -136,6 +138,8 @@ class StreamableUpstream:
                 return
             async for item in self._messages(resp):
                 yield item
+        except errors.UpstreamTimeout:
+            raise
         except errors.KarsError as exc:
             raise Gone(exc.message) from exc
         finally:
