@@ -440,3 +440,23 @@ def test_a_tool_that_outlasts_the_read_timeout_fails_alone(start: Callable[..., 
     assert answer["error"]["message"] == "upstream stopped sending for 0.5 s"
     (echoed,) = sse_messages(call(router, session, "echo", {"text": "after"}, rid=22))
     assert echoed["result"]["content"][0]["text"] == "after"
+
+
+def test_a_failed_initialize_leaves_no_session_behind(
+    upstream: tuple[servers.ServerThread, str], router_server: Callable[..., Any], policy_dir: Path
+) -> None:
+    """The upstream refuses initialize (here: a wrong path, 404): the client gets the error, and the
+    session it was given is gone, so retries never run into the per-caller session cap."""
+    ms.write_policy(policy_dir, ms.mcp_server_doc("tools", upstream[1] + "/wrong", "streamable-http"))
+    router = router_server(mcp={"maxSessionsPerPrincipal": 1})
+    url = f"{router.url}/mcp/tools"
+    for _ in range(3):
+        resp = httpx.post(url, json=INIT, headers=headers(router), timeout=10)
+        assert resp.status_code == 200, resp.text
+        (answer,) = sse_messages(resp)
+        assert answer["id"] == 1 and "upstream answered HTTP 404" in answer["error"]["message"]
+        session = resp.headers["mcp-session-id"]
+        ping = {"jsonrpc": "2.0", "id": 2, "method": "ping"}
+        later = headers(router, **{"mcp-session-id": session, "mcp-protocol-version": VERSION})
+        assert httpx.post(url, json=ping, headers=later, timeout=10).status_code == 404
+    assert router.call(router.app.state.kars.mcp.table.wait_size(0), timeout=5) is None

@@ -259,6 +259,9 @@ class Gateway:
             if target.number and target.open_requests <= 0:
                 target.close()
                 session.drop_finished_streams(KEEP_FINISHED_STREAMS)
+        if session.initialize_failed and not session.ended:
+            # Its error is on its way to the client; a session never initialized holds no place.
+            await self.end(session, "initialize failed upstream")
 
     def _deliver(self, session: sessions.Session, item: dict[str, Any], target: Any, text: str | None = None) -> None:
         """Send one upstream message to the client on ``target`` (``text``: its JSON, if unchanged)."""
@@ -275,6 +278,8 @@ class Gateway:
                 result = item.get("result")
                 if isinstance(result, dict) and isinstance(result.get("protocolVersion"), str):
                     session.upstream.protocol_version = result["protocolVersion"]
+                else:
+                    session.initialize_failed = True
             call = session.calls.pop(rid, None)
             if call is not None:
                 outcome = "error" if "error" in item else "tool_error" if _is_tool_error(item) else "ok"

@@ -154,6 +154,7 @@ class Session:
         self.busy = 0
         self.ended = False
         self.listening = False
+        self.initialize_failed = False  # the upstream refused initialize: the session ends once that is sent
 
     @property
     def main(self) -> Stream:
