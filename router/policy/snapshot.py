@@ -67,7 +67,7 @@ class Snapshot:
         mcp: dict[tuple[str, str], model.McpServer] = {}
         tools: dict[tuple[str, str], list[model.ToolPolicy]] = {}
         agents: dict[tuple[str, str], model.A2AAgent] = {}
-        edges: dict[tuple[str, str], trustgraph.TrustEdge] = {}
+        edges: dict[tuple[str, str], list[trustgraph.TrustEdge]] = {}
         dropped: list[trustgraph.DroppedEdge] = []
 
         for entry in by_key.values():
@@ -87,10 +87,9 @@ class Snapshot:
                 kept, gone = trustgraph.verify(res, now)
                 dropped.extend(gone)
                 for edge in kept:
-                    # Several graphs may vouch for one pair: keep the strongest.
-                    current = edges.get((edge.source, edge.target))
-                    if current is None or edge.score > current.score:
-                        edges[(edge.source, edge.target)] = edge
+                    # Several graphs may vouch for one pair: all are kept, the strongest first,
+                    # so when one expires the next still counts.
+                    edges.setdefault((edge.source, edge.target), []).append(edge)
 
         for policies in inference.values():
             policies.sort(key=_specificity)
@@ -103,7 +102,7 @@ class Snapshot:
         self._mcp_servers = mcp
         self._tool_policies = {k: tuple(v) for k, v in tools.items()}
         self._a2a_agents = agents
-        self._edges = edges
+        self._edges = {pair: tuple(sorted(found, key=lambda e: -e.score)) for pair, found in edges.items()}
         self._memo: dict[tuple[str, str, str], tuple[model.InferencePolicy, ...]] = {}
 
     # -- lookups (all O(1) or memoised) ------------------------------------------------------
@@ -145,11 +144,11 @@ class Snapshot:
         return bool(self._a2a_agents)
 
     def trust_edge(self, source: str, target: str, now: dt.datetime) -> trustgraph.TrustEdge | None:
-        """The verified, unexpired edge ``source -> target`` that reaches its graph's minScore."""
-        edge = self._edges.get((source, target))
-        if edge is None or not edge.live(now):
-            return None
-        return edge
+        """The strongest verified, unexpired edge ``source -> target`` that reaches its graph's minScore."""
+        for edge in self._edges.get((source, target), ()):
+            if edge.live(now):
+                return edge
+        return None
 
 
 def semantic_errors(resource: model.Resource, floor: model.SafetyFloor) -> list[str]:

@@ -17,6 +17,7 @@ from router.policy import load, model, snapshot, store, trustgraph
 
 NOW = dt.datetime(2026, 11, 22, 12, 0, tzinfo=dt.UTC)
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+RAW = (serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 def write(directory: Path, name: str, text: str) -> Path:
@@ -246,6 +247,31 @@ def test_trustgraph_edges_verified_at_load(policy_dir: Path) -> None:
     assert "ns/bob -> ns/alice dropped: signature does not verify" in reasons
     assert "ns/alice -> ns/carol dropped: score 100 below minScore 500" in reasons
     assert "ns/alice -> ns/dave dropped: expired" in reasons
+
+
+def test_a_pair_vouched_for_by_two_graphs_outlives_the_stronger_edge(policy_dir: Path) -> None:
+    """The strongest edge counts while it is live; when it expires, another graph's edge still does."""
+    alice = ed25519.Ed25519PrivateKey.generate()
+    vertices = [
+        {"id": "ns/alice", "publicKeyB64u": _b64u(alice.public_key().public_bytes(*RAW))},
+        {"id": "ns/bob", "publicKeyB64u": _b64u(ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(*RAW))},
+    ]
+    for name, edge in (
+        ("strong", _edge(alice, "ns/alice", "ns/bob", 900, not_after="2026-11-22T12:30:00Z")),
+        ("lasting", _edge(alice, "ns/alice", "ns/bob", 600)),
+    ):
+        graph = {
+            "apiVersion": "kars.azure.com/v1alpha1",
+            "kind": "TrustGraph",
+            "metadata": {"name": name},
+            "spec": {"minScore": 500, "vertices": vertices, "edges": [edge]},
+        }
+        (policy_dir / f"{name}.json").write_text(json.dumps(graph))
+    st = store.PolicyStore(policy_dir, model.SafetyFloor(), clock=lambda: NOW)
+    st._reload_blocking()
+    assert st.snapshot.trust_edge("ns/alice", "ns/bob", NOW).score == 900  # type: ignore[union-attr]
+    later = st.snapshot.trust_edge("ns/alice", "ns/bob", NOW + dt.timedelta(hours=1))
+    assert later is not None and later.score == 600
 
 
 def test_snapshot_lookup_is_a_dictionary_hit() -> None:
