@@ -361,6 +361,12 @@ def test_a_2025_03_26_batch_is_answered_on_one_stream(start: Callable[..., Any])
     notes = [{"jsonrpc": "2.0", "method": "notifications/roots/list_changed"}] * 2
     assert httpx.post(f"{router.url}/mcp/tools", json=notes, headers=hdrs).status_code == 202
     assert httpx.post(f"{router.url}/mcp/tools", json=[], headers=hdrs).status_code == 400
+    # MCP 2025-06-18 removed batches: a batch under a later revision is refused.
+    for later in ("2025-06-18", VERSION):
+        hdrs["mcp-protocol-version"] = later
+        refused = httpx.post(f"{router.url}/mcp/tools", json=batch, headers=hdrs, timeout=10)
+        assert (refused.status_code, refused.json()["error"]["code"]) == (400, "invalid_request")
+        assert "batches were removed" in refused.json()["error"]["message"]
 
 
 class RecordingUpstream:
@@ -409,6 +415,8 @@ def test_invalid_json_rpc_is_refused_unforwarded_and_the_session_lives_on(
         ]
         seen = len(upstream.bodies)
         for body, reason in invalid:
+            version = "2025-03-26" if isinstance(body, list) else VERSION  # the last revision with batches
+            hdrs["mcp-protocol-version"] = version
             resp = httpx.post(f"{router.url}/mcp/tools", json=body, headers=hdrs, timeout=10)
             assert (resp.status_code, resp.json()["error"]["code"]) == (400, "invalid_request"), resp.text
             assert reason in resp.json()["error"]["message"]

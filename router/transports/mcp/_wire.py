@@ -20,6 +20,7 @@ CONTENT_TYPE_SSE = "text/event-stream"
 # taken as 2025-03-26 (Streamable HTTP, "Protocol Version Header": backwards compatibility).
 STREAMABLE_VERSIONS = frozenset({"2025-03-26", "2025-06-18", "2025-11-25"})
 DEFAULT_VERSION = "2025-03-26"
+BATCH_VERSIONS = frozenset({None, b"2025-03-26"})  # MCP-Protocol-Version values that allow a batch (none: 2025-03-26)
 
 # JSON-RPC 2.0 error codes (§5.1) and the router's own, in the implementation-defined range.
 INVALID_REQUEST = -32600

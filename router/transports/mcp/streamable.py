@@ -76,7 +76,10 @@ class StreamableEndpoint:
         content_type = (_asgi.header(scope, b"content-type") or b"").decode("latin-1")
         if content_type.split(";")[0].strip().lower() != _wire.CONTENT_TYPE_JSON:
             raise UnsupportedMediaType("Content-Type must be application/json")
-        messages = messages_of(await _body.read_json(scope, receive))
+        body = await _body.read_json(scope, receive)
+        if isinstance(body, list) and _asgi.header(scope, _wire.MCP_PROTOCOL_VERSION) not in _wire.BATCH_VERSIONS:
+            raise errors.InvalidRequest("JSON-RPC batches were removed in MCP 2025-06-18: send one message a POST")
+        messages = messages_of(body)
         is_init = any(m.get("method") == "initialize" for m in messages)
         if is_init:
             if len(messages) != 1 or not _wire.is_request(messages[0]):
