@@ -195,10 +195,16 @@ class MeshHub:
             raise errors.UpstreamError(
                 f"mesh relay unreachable: {type(exc).__name__}", code="upstream_unavailable"
             ) from exc
+        if not self._edge_still_there(key):  # dropped while the relay was dialled
+            await conn.close()
+            raise errors.Forbidden(f"the TrustGraph edge {key[0]} -> {key[1]} was removed", code="trust_edge_missing")
         await send({"type": "websocket.accept"})
         me, relay = _peers.AsgiPeer(receive, send), _peers.RelayPeer(conn)
         bridge = Bridge(edges=(key,), sides=(me, relay))
-        self._bridges[key] = bridge
+        self._bridges[key] = bridge  # from here on a policy change closes it (on_snapshot)
+        if not self._edge_still_there(key):  # dropped during the accept
+            self._metrics.mesh_bridges.labels("closed_by_policy").inc()
+            self._spawn(bridge.close(CLOSE_POLICY, "trust edge removed"))
         self._close_at_expiry(bridge)
         self._metrics.mesh_bridges.labels("relayed").inc()
         self._metrics.mesh_bridges_active.inc()
@@ -208,6 +214,9 @@ class MeshHub:
             bridge.pumps = 1
             self._pump_done(bridge)
             await conn.close()
+
+    def _edge_still_there(self, key: PairKey) -> bool:
+        return self._policy.snapshot.trust_edge(key[0], key[1], self._clock()) is not None
 
     def _close_at_expiry(self, bridge: Bridge) -> None:
         """An edge with ``notAfter`` stops counting then: the bridge on it closes (1008) at that moment."""

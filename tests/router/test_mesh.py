@@ -280,6 +280,34 @@ async def test_caller_close_code_reaches_the_relay(
     assert relay.get("closed") == 4002
 
 
+async def test_an_edge_dropped_while_the_relay_is_dialled_is_refused(
+    router_server: Callable[..., Any], policy_dir: Path, graph: trustgraphs.Graph
+) -> None:
+    """Admission is checked again once the relay answers: an edge removed meanwhile opens no bridge."""
+    opened = asyncio.Event()
+
+    async def slow_handshake(_conn: ServerConnection, _request: Any) -> None:
+        opened.set()
+        await asyncio.sleep(1.0)  # the dial is in flight while the policy changes
+
+    async def echo(conn: ServerConnection) -> None:
+        async for message in conn:
+            await conn.send(message)
+
+    async with serve(echo, "127.0.0.1", 0, process_request=slow_handshake) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        graph.write(policy_dir)
+        srv = router_server(mesh={"relayUrl": f"ws://127.0.0.1:{port}/relay"})
+        dialling = asyncio.ensure_future(refused(srv, "team/a", "team/b"))
+        await asyncio.wait_for(opened.wait(), WAIT_S)
+        graph.without("team/a", "team/b").write(policy_dir)
+        store = srv.app.state.kars.policy
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(store.reload(), srv.loop))
+        status, body = await asyncio.wait_for(dialling, WAIT_S)
+        assert (status, body["error"]["code"]) == (403, "trust_edge_missing")
+        assert srv.app.state.kars.mesh.open_bridges == 0
+
+
 async def test_unreachable_relay_is_502_before_the_upgrade(
     router_server: Callable[..., Any], policy_dir: Path, graph: trustgraphs.Graph
 ) -> None:
