@@ -27,7 +27,7 @@ import hashlib
 import hmac
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import jwt
@@ -168,6 +168,12 @@ class ReplayCache:
         seen[key] = forget_at
 
 
+class Verified(NamedTuple):
+    principal: Principal
+    jti: tuple[str, str]  # (iss, jti): seen once, here and (with a shared store) on every replica
+    forget_at: float  # when the token could no longer be accepted anyway
+
+
 def verify_request(
     token: str,
     *,
@@ -177,7 +183,7 @@ def verify_request(
     replay: ReplayCache,
     jku_hosts: frozenset[str] = frozenset(),
     now: float | None = None,
-) -> Principal:
+) -> Verified:
     """The remote agent a signed request comes from, or ``JwsError`` saying why not."""
     now = time.time() if now is None else now
     try:
@@ -226,5 +232,6 @@ def verify_request(
     presented = claims.get("body_sha256")
     if not isinstance(presented, str) or not hmac.compare_digest(presented, body_digest(body)):
         raise JwsError("body_mismatch", "body_sha256 does not match the body")
-    replay.add((iss, jti), float(exp) + skew, now)
-    return Principal("agent", iss, "signed-request")
+    forget_at = float(exp) + skew
+    replay.add((iss, jti), forget_at, now)
+    return Verified(Principal("agent", iss, "signed-request"), (iss, jti), forget_at)

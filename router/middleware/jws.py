@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Awaitable, Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -25,8 +26,11 @@ from router.middleware import identity
 from router.observability import metrics as metrics_mod
 from router.policy import model
 from router.policy import store as store_mod
+from router.stores import base as stores_base
 
 log = logging.getLogger("kars.jws")
+
+SharedClaim = Callable[[str, float], Awaitable[bool]]  # claim a key until a time: True the first time
 
 CARD_SUFFIXES = ("/.well-known/agent-card.json", "/.well-known/agent.json")
 A2A_PREFIX = "/a2a/"
@@ -69,13 +73,15 @@ class JwsMiddleware:
         metrics: metrics_mod.Metrics,
         jku_allowed_hosts: list[str],
         max_card_bytes: int,
+        shared_replay: SharedClaim | None = None,
     ) -> None:
         self.app = app
         self._policy = policy
         self._metrics = metrics
         self._jku_hosts = frozenset(h.lower() for h in jku_allowed_hosts)
         self._max_card_bytes = max_card_bytes
-        self._replay = jws_mod.ReplayCache()
+        self._replay = jws_mod.ReplayCache()  # this replica's: a replay to it costs no round trip
+        self._shared_replay = shared_replay  # every replica's (Redis), when the router has one
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -97,7 +103,7 @@ class JwsMiddleware:
     async def _verify_request(self, scope: Scope, receive: Receive, token: str) -> Receive:
         body = await _body.read(scope, receive) if scope["type"] == "http" else b""
         try:
-            principal = jws_mod.verify_request(
+            principal, (iss, jti), forget_at = jws_mod.verify_request(
                 token,
                 body=body,
                 audience=audiences_of(scope),
@@ -105,6 +111,8 @@ class JwsMiddleware:
                 replay=self._replay,
                 jku_hosts=self._jku_hosts,
             )
+            if self._shared_replay is not None and not await self._claim(iss, jti, forget_at):
+                raise jws_mod.JwsError("replayed", "this jti was used before (on another replica)")
         except jws_mod.JwsError as exc:
             self._metrics.signed_request_rejections.labels(exc.reason).inc()
             log.warning("signed request refused on %s: %s (%s)", scope["path"], exc.reason, exc.message)
@@ -113,6 +121,16 @@ class JwsMiddleware:
             raise errors.Unauthenticated(f"signed request rejected: {exc.message}") from None
         scope["state"][_asgi.PRINCIPAL] = principal
         return _body.replay(scope, receive) if scope["type"] == "http" else receive
+
+    async def _claim(self, iss: str, jti: str, forget_at: float) -> bool:
+        assert self._shared_replay is not None
+        try:
+            return await self._shared_replay(f"jti:{iss}:{jti}", forget_at)
+        except stores_base.StoreUnavailable as exc:
+            log.error("signed request refused: the shared replay store is unavailable: %s", exc)
+            raise errors.ServiceUnavailable(
+                "signed requests cannot be checked for replay right now", code="identity_unavailable"
+            ) from None
 
     def _refuse_unsigned_agent(self, scope: Scope) -> None:
         principal = scope["state"].get(_asgi.PRINCIPAL)

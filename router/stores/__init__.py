@@ -5,10 +5,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from router.settings import BudgetSettings
 from router.stores import base
 
-__all__ = ["base", "create"]
+__all__ = ["base", "create", "shared_claim"]
 
 
 def create(settings: BudgetSettings) -> base.CounterStore:
@@ -25,3 +27,13 @@ def create(settings: BudgetSettings) -> base.CounterStore:
 
     assert settings.redis_url is not None  # the settings validator requires it
     return redis_store.RedisStore(settings.redis_url)
+
+
+def shared_claim(store: base.CounterStore) -> Callable[[str, float], Awaitable[bool]] | None:
+    """The claim-once of a store every replica shares (Redis), else None (per-process stores)."""
+    if store.name != "redis":
+        return None
+    from router.stores import redis as redis_store
+
+    assert isinstance(store, redis_store.RedisStore)
+    return store.claim_once

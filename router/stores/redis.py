@@ -205,6 +205,20 @@ class RedisStore:
         flat = await self._eval("read", [self._prefix + "c:" + c for c in counters], [])
         return _pairs(flat)
 
+    async def claim_once(self, key: str, until: float) -> bool:
+        """Claim ``key`` until ``until`` (epoch seconds): True the first time, False while it is held.
+
+        One ``SET NX EXAT``, atomic across every replica: what the signed-request layer uses to see a
+        ``jti`` only once in the whole deployment (SPEC.md §5).
+        """
+        if self._client is None:
+            raise base.StoreUnavailable("the Redis store is not open")
+        try:
+            claimed = await self._client.set(self._prefix + key, b"1", nx=True, exat=math.ceil(until))
+        except (RedisError, OSError) as exc:
+            raise base.StoreUnavailable(f"Redis: {type(exc).__name__}: {exc}") from exc
+        return bool(claimed)
+
     async def ping(self) -> str | None:
         if self._client is None:
             return "the Redis budget store is not open"

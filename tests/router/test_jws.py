@@ -6,6 +6,7 @@ Every forgery is refused (a card: 502 ``upstream_error``; a request: 401) and th
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
@@ -89,8 +90,15 @@ def keys() -> Keys:
     return Keys()
 
 
-@pytest.fixture
-def env(router_server: Callable[..., Any], policy_dir: Path, keys: Keys) -> Iterator[Env]:
+ROUTER_SETTINGS: dict[str, Any] = {
+    "a2a": {"jkuAllowedHosts": ["keys.example"]},
+    "identity": {"trustedProxies": ["127.0.0.1/32"]},
+}
+
+
+@contextlib.contextmanager
+def echo_agent(policy_dir: Path, keys: Keys) -> Iterator[a2a_agent.Agent]:
+    """The remote agent ``remote/echo`` served on loopback, ``remote/caller`` that signs, and the edges."""
     agent = a2a_agent.build(a2a_agent.make_card("http://placeholder"))
     with servers.serve(agent.app) as agent_srv:
         docs = [
@@ -105,9 +113,14 @@ def env(router_server: Callable[..., Any], policy_dir: Path, keys: Keys) -> Iter
         (policy_dir / "agents.yaml").write_text("---\n".join(docs))
         graph = trustgraphs.Graph().edge("remote/caller", "remote/echo").edge("remote/sandbox", "remote/echo")
         graph.write(policy_dir)
-        router = router_server(a2a={"jkuAllowedHosts": ["keys.example"]}, identity={"trustedProxies": ["127.0.0.1/32"]})
-        yield Env(router, agent, keys)
+        yield agent
         agent.executor.gate.set()
+
+
+@pytest.fixture
+def env(router_server: Callable[..., Any], policy_dir: Path, keys: Keys) -> Iterator[Env]:
+    with echo_agent(policy_dir, keys) as agent:
+        yield Env(router_server(**ROUTER_SETTINGS), agent, keys)
 
 
 @pytest.fixture
@@ -348,6 +361,38 @@ def test_request_forgeries_are_401_with_the_reason_logged(env: Env, reasons: Cal
     # ... and never twice.
     replay = post(env, good)
     assert replay.status_code == 401 and any("replayed" in line for line in reasons())
+
+
+def test_a_signed_request_is_accepted_once_across_replicas(
+    router_server: Callable[..., Any], policy_dir: Path, keys: Keys, redis_url: str, reasons: Callable[[], list[str]]
+) -> None:
+    """Two replicas sharing Redis (as the chart runs them): a jti used on one is refused on the other."""
+    with echo_agent(policy_dir, keys):
+        shared = {**ROUTER_SETTINGS, "budgets": {"store": "redis", "redisUrl": redis_url}}
+        first, second = router_server(**shared), router_server(**shared)
+        host = first.url.removeprefix("http://")  # behind one Service, both are called by one URL
+        token = sign(keys.ed, "EdDSA", "ed-1", body=BODY, aud=f"{first.url}/a2a/echo")
+        headers = {"Authorization": f"Bearer {token}", "content-type": "application/json", "host": host}
+        assert httpx.post(f"{first.url}/a2a/echo", content=BODY, headers=headers, timeout=WAIT_S).status_code == 200
+        again = httpx.post(f"{second.url}/a2a/echo", content=BODY, headers=headers, timeout=WAIT_S)
+        assert (again.status_code, again.json()["error"]["code"]) == (401, "invalid_credentials")
+        assert any("replayed" in line and "another replica" in line for line in reasons())
+        fresh = sign(keys.ed, "EdDSA", "ed-1", body=BODY, aud=f"{first.url}/a2a/echo")
+        headers["Authorization"] = f"Bearer {fresh}"
+        assert httpx.post(f"{second.url}/a2a/echo", content=BODY, headers=headers, timeout=WAIT_S).status_code == 200
+
+
+def test_a_signed_request_fails_closed_when_the_shared_replay_store_is_down(
+    router_server: Callable[..., Any], policy_dir: Path, keys: Keys, dead_port: int
+) -> None:
+    with echo_agent(policy_dir, keys):
+        router = router_server(
+            **ROUTER_SETTINGS, budgets={"store": "redis", "redisUrl": f"redis://127.0.0.1:{dead_port}/0"}
+        )
+        token = sign(keys.ed, "EdDSA", "ed-1", body=BODY, aud=f"{router.url}/a2a/echo")
+        headers = {"Authorization": f"Bearer {token}", "content-type": "application/json"}
+        resp = httpx.post(f"{router.url}/a2a/echo", content=BODY, headers=headers, timeout=WAIT_S)
+        assert (resp.status_code, resp.json()["error"]["code"]) == (503, "identity_unavailable")
 
 
 def test_agent_requiring_signed_requests_is_refused_via_a_trusted_proxy(env: Env) -> None:
