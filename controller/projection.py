@@ -150,6 +150,9 @@ def policy_digest(refs: Iterable[model.PolicyRef], namespace: str, compiled: Com
     return digest.of_digests(found) if found else None
 
 
+MAX_WARNINGS_SHOWN = 5  # in a condition's message; the router's /internal/policy-status has them all
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Readiness:
     status: str  # "True" | "False"
@@ -176,7 +179,13 @@ def readiness(compiled: Compiled, router_status: Mapping[str, Any], keys: Iterab
         if entry is not None and entry.get("lastError"):
             out[key] = Readiness("False", "RouterRejected", str(entry["lastError"]), want)
         elif entry is not None and entry.get("digest") == want:
-            out[key] = Readiness("True", "Loaded", f"the router loaded {want}", want)
+            warnings = [str(w) for w in entry.get("warnings") or ()]
+            if warnings:  # loaded, but part of it does not count (a TrustGraph edge that fails to verify)
+                shown = "; ".join(warnings[:MAX_WARNINGS_SHOWN])
+                more = f" (and {len(warnings) - MAX_WARNINGS_SHOWN} more)" if len(warnings) > MAX_WARNINGS_SHOWN else ""
+                out[key] = Readiness("True", "LoadedWithWarnings", f"the router loaded {want}; {shown}{more}", want)
+            else:
+                out[key] = Readiness("True", "Loaded", f"the router loaded {want}", want)
         else:
             out[key] = Readiness("False", "Pending", f"waiting for the router to load {want}", want)
     return out

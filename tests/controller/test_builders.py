@@ -134,6 +134,13 @@ def test_readiness_only_on_the_reported_digest() -> None:
     assert projection.readiness(compiled, {"entries": [entry]}, keys)[keys[0]].status == "False"
     entry["digest"] = want
     assert projection.readiness(compiled, {"entries": [entry]}, keys)[keys[0]].status == "True"
+    # Loaded, with parts that do not count (a TrustGraph's dropped edges): Ready, and the condition says so.
+    entry["warnings"] = [f"edge a -> b{i} dropped: signature does not verify" for i in range(7)]
+    warned = projection.readiness(compiled, {"entries": [entry]}, keys)[keys[0]]
+    assert (warned.status, warned.reason) == ("True", "LoadedWithWarnings")
+    assert "edge a -> b0 dropped: signature does not verify" in warned.message
+    assert warned.message.endswith("(and 2 more)")
+    del entry["warnings"]
     entry["lastError"] = "x.json:1: nope"
     rejected = projection.readiness(compiled, {"entries": [entry]}, keys)[keys[0]]
     assert (rejected.status, rejected.reason, rejected.message) == ("False", "RouterRejected", "x.json:1: nope")
