@@ -161,26 +161,6 @@ class Kube:
     async def delete_pod(self, namespace: str, name: str) -> None:
         await _call(f"delete Pod {namespace}/{name}", self.core.delete_namespaced_pod(name, namespace), missing_ok=True)
 
-    async def delete_children(self, namespace: str, name: str, owner: Body) -> None:
-        """Explicit cleanup on sandbox deletion (owner references cover it too in a real cluster).
-
-        Only what the sandbox owns: an object that merely shares its name is left alone.
-        """
-        if builders.owned_by(await self.get_pod(namespace, name), owner):
-            await self.delete_pod(namespace, name)
-        what = f"Service {namespace}/{name}"
-        service = self._plain(
-            await _call(f"read {what}", self.core.read_namespaced_service(name, namespace), missing_ok=True)
-        )
-        if builders.owned_by(service, owner):
-            await _call(f"delete {what}", self.core.delete_namespaced_service(name, namespace), missing_ok=True)
-        what = f"ServiceAccount {namespace}/{name}"
-        account = self._plain(
-            await _call(f"read {what}", self.core.read_namespaced_service_account(name, namespace), missing_ok=True)
-        )
-        if builders.owned_by(account, owner):
-            await _call(f"delete {what}", self.core.delete_namespaced_service_account(name, namespace), missing_ok=True)
-
     # -- the projection -----------------------------------------------------------------------
 
     async def apply_configmap(

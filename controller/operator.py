@@ -29,6 +29,8 @@ def operator_settings(settings: config.ControllerSettings | None = None) -> kopf
     # Watching named namespaces: use the names as given instead of listing namespaces, which
     # the chart's RBAC does not grant (and a namespace that does not exist yet is still served).
     s.scanning.disabled = bool(settings is not None and settings.namespaces)
+    # No handler needs a finalizer (owner references delete a sandbox's children); the name stays
+    # so kopf finds and removes the finalizer on objects an older controller had put it on.
     s.persistence.finalizer = FINALIZER
     s.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     s.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP, key="last-handled-configuration")
@@ -107,10 +109,6 @@ def build_registry(ctl: reconciler.Controller, settings: config.ControllerSettin
         if status is not None:
             patch.status.update(status)
             ctl.index.get(projection.key_of(body), {}).setdefault("status", {}).update(status)
-
-    @on.delete(GROUP, VERSION, "karssandboxes", **sandboxes)  # type: ignore[arg-type]
-    async def _delete(name: str, namespace: str, body: kopf.Body, **_: Any) -> None:
-        await ctl.kube.delete_children(namespace, name, builders.owner_reference(dict(body)))
 
     @on.timer(
         GROUP,

@@ -9,8 +9,10 @@ to the API server's behaviour (tests only):
 - ``uid``, ``creationTimestamp``, ``resourceVersion`` on create; ``generation`` = 1 on
   create and + 1 whenever a patch to the main resource changes ``spec``.
 
-Not emulated (the controller does not rely on them): owner-reference garbage collection
-(the controller deletes children itself), admission/CEL validation, label selectors.
+- owner-reference garbage collection: once a write or delete leaves an object whose owners are
+  all gone, it is deleted too (the API server's background propagation), with its DELETED event.
+
+Not emulated (the controller does not rely on them): admission/CEL validation, label selectors.
 """
 
 from __future__ import annotations
@@ -59,7 +61,29 @@ class KubeAPI(kmock.KubernetesEmulator):  # type: ignore[misc]
                         merged = _merge(old_spec, request.data["spec"])
                         if merged != old_spec:
                             meta["generation"] = int(current.get("metadata", {}).get("generation", 1)) + 1
-        return await super()._handle(request)  # type: ignore[no-any-return]
+        response = await super()._handle(request)
+        if request.resource is not None and request.action in (enums.action.DELETE, enums.action.UPDATE):
+            await self._collect_garbage()
+        return response  # type: ignore[no-any-return]
+
+    async def _collect_garbage(self) -> None:
+        """Delete every object whose owner references all name objects that no longer exist."""
+        async with self._lock:
+            while True:
+                live = {obj.get("metadata", {}).get("uid") for obj in self._objects.values() if not obj.deleted}
+                orphans = [
+                    (key, obj)
+                    for key, obj in self._objects.items()
+                    if not obj.deleted
+                    and (owners := obj.get("metadata", {}).get("ownerReferences") or [])
+                    and not any(owner.get("uid") in live for owner in owners)
+                ]
+                if not orphans:
+                    return
+                for key, obj in orphans:  # their own dependents go in the next round
+                    raw = obj.raw
+                    obj.delete()
+                    await self._buses[key[0]].put({"type": "DELETED", "object": raw})
 
 
 def _merge(base: Any, patch: Any) -> Any:
