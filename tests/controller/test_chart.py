@@ -141,6 +141,8 @@ def test_rbac_is_least_privilege() -> None:
     (cluster_role,) = [r for r in by_kind(default, "ClusterRole")]
     pods = [r for r in cluster_role["rules"] if r["resources"] == ["pods"]]
     assert pods and set(pods[0]["verbs"]) == {"get", "list", "watch", "create", "delete"}
+    children = [r for r in cluster_role["rules"] if r["resources"] == ["services", "serviceaccounts"]]
+    assert children and set(children[0]["verbs"]) == {"get", "create", "patch"}  # read to check the owner
     (policy_role,) = [r for r in by_kind(default, "Role") if r["metadata"]["name"].endswith("-policy")]
     named = [r for r in policy_role["rules"] if r.get("resourceNames")]
     assert named[0]["resourceNames"] == ["kars-policy"]

@@ -14,7 +14,7 @@
   verbs: ["get", "list", "watch", "create", "delete"]
 - apiGroups: [""]
   resources: ["services", "serviceaccounts"]
-  verbs: ["get", "create", "patch", "delete"]
+  verbs: ["get", "create", "patch"]  # deleted by the garbage collector (owner references), never by us
 - apiGroups: ["", "events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
