@@ -168,7 +168,7 @@ def pod(sandbox: model.KarsSandbox, owner: Body, settings: config.ControllerSett
                     "sources": [
                         {
                             "serviceAccountToken": {
-                                "audience": config.TOKEN_AUDIENCE,
+                                "audience": d.token_audience,
                                 "expirationSeconds": d.token_expiration_s,
                                 "path": TOKEN_PATH,
                             }

@@ -33,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lifecycle-check-s", type=float, default=config.LIFECYCLE_CHECK_S)
     p.add_argument("--seccomp-profile", help="Localhost seccomp profile for sandboxes (default RuntimeDefault)")
     p.add_argument("--sandbox-port", type=int, default=config.SANDBOX_PORT)
+    audience_help = "audience of the sandboxes' projected tokens (the router's identity.audience)"
+    p.add_argument("--token-audience", default=config.TOKEN_AUDIENCE, help=audience_help)
     p.add_argument("--api-server", help="Kubernetes API URL (default: in-cluster, then kubeconfig)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
@@ -48,7 +50,9 @@ def settings_from_args(args: argparse.Namespace) -> config.ControllerSettings:
         router_poll_s=args.router_poll_s,
         lifecycle_check_s=args.lifecycle_check_s,
         api_server=args.api_server,
-        sandbox=config.SandboxDefaults(seccomp_profile=args.seccomp_profile, port=args.sandbox_port),
+        sandbox=config.SandboxDefaults(
+            seccomp_profile=args.seccomp_profile, port=args.sandbox_port, token_audience=args.token_audience
+        ),
     )
 
 

@@ -36,6 +36,7 @@ class SandboxDefaults(BaseModel):
     # Seccomp: RuntimeDefault, or a Localhost profile path relative to the kubelet's seccomp root.
     seccomp_profile: str | None = None
     token_expiration_s: int = Field(default=TOKEN_EXPIRATION_S, ge=600)
+    token_audience: str = Field(default=TOKEN_AUDIENCE, min_length=1)  # the router's identity.audience
     restart_policy: Literal["OnFailure", "Never"] = "OnFailure"
 
 

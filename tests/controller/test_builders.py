@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 from pathlib import Path
@@ -16,6 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from controller import builders, conditions, config, kube, projection, routerstatus
+from controller import cli as controller_cli
 from router.policy import digest, model
 from tests.support import servers
 
@@ -51,6 +53,18 @@ def test_pod_runtime_class_and_user_env_wins() -> None:
     assert pod["spec"]["runtimeClassName"] == "kata"
     env = pod["spec"]["containers"][0]["env"]
     assert [e for e in env if e["name"] == "KARS_SANDBOX"] == [{"name": "KARS_SANDBOX", "value": "mine"}]
+
+
+def test_pod_token_is_for_the_routers_audience() -> None:
+    """The projected token's audience is the one the router checks, whatever it is set to."""
+    for audience in (config.TOKEN_AUDIENCE, "my-aud"):
+        settings = config.ControllerSettings(sandbox=config.SandboxDefaults(token_audience=audience))
+        (volume,) = [v for v in builders.pod(sandbox(), OWNER, settings)["spec"]["volumes"] if "projected" in v]
+        assert volume["projected"]["sources"][0]["serviceAccountToken"]["audience"] == audience
+    parser = argparse.ArgumentParser()
+    controller_cli.add_arguments(parser)
+    args = parser.parse_args(["--token-audience", "my-aud"])
+    assert controller_cli.settings_from_args(args).sandbox.token_audience == "my-aud"
 
 
 def test_pod_hash_follows_the_spec() -> None:

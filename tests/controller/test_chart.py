@@ -218,4 +218,10 @@ def test_router_deployment_mounts_policy_and_wires_identity() -> None:
     args = controller["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--namespace=team-a" in args and "--all-namespaces" not in args
     assert "--seccomp-profile=profiles/kars.json" in args
+    assert "--token-audience=kars-router" in args  # the audience the router checks (router.identity.audience)
+    moved = render({"router": {"identity": {"audience": "my-aud"}}})
+    (controller,) = [d for d in by_kind(moved, "Deployment") if d["metadata"]["name"] == "kars-controller"]
+    assert "--token-audience=my-aud" in controller["spec"]["template"]["spec"]["containers"][0]["args"]
+    (cm,) = [d for d in by_kind(moved, "ConfigMap") if d["metadata"]["name"] == "kars-router-config"]
+    assert yaml.safe_load(cm["data"]["router.yaml"])["identity"]["audience"] == "my-aud"
     assert by_kind(docs, "ServiceMonitor")[0]["spec"]["endpoints"][0]["path"] == "/metrics"
