@@ -187,12 +187,27 @@ FIELD_EXTRAS: dict[tuple[str, str], dict[str, Any]] = {
 }
 
 
+# Rules on a whole object (metadata.name is the one field of metadata CEL may read).
+ROOT_RULES: dict[str, list[dict[str, Any]]] = {
+    "KarsSandbox": [
+        _rule(
+            f"self.metadata.name.size() <= {model.SANDBOX_NAME_MAX} && "
+            f"self.metadata.name.matches('{model.SANDBOX_NAME_RE}')",
+            "a KarsSandbox names its Service: metadata.name must be an RFC 1035 label "
+            f"(lower-case letters, digits and '-', starting with a letter, at most {model.SANDBOX_NAME_MAX})",
+        )
+    ],
+}
+
+
 def open_api_schema(kind: Kind) -> dict[str, Any]:
     spec = schema.structural(kind.spec, extras=RULES, field_extras=FIELD_EXTRAS)
     status = schema.structural(kind.status, extras=RULES, field_extras=FIELD_EXTRAS)
     spec["description"] = f"Desired state of the {kind.kind} (SPEC.md §3)."
     status["description"] = status.pop("description", f"Observed state of the {kind.kind}.")
+    root_rules = {"x-kubernetes-validations": ROOT_RULES[kind.kind]} if kind.kind in ROOT_RULES else {}
     return {
+        **root_rules,
         "type": "object",
         "required": ["spec"],
         "properties": {

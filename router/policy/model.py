@@ -400,9 +400,24 @@ class TrustGraph(Resource):
     spec: TrustGraphSpec
 
 
+# RFC 1035 label: a KarsSandbox's name is its Service's (and a label value), so it must be one.
+SANDBOX_NAME_RE = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+SANDBOX_NAME_MAX = 63
+
+
 class KarsSandbox(Resource):
     kind: Literal["KarsSandbox"]
     spec: KarsSandboxSpec
+
+    @pydantic.model_validator(mode="after")
+    def _dns_label_name(self) -> KarsSandbox:
+        name = self.metadata.name
+        if len(name) > SANDBOX_NAME_MAX or not re.match(SANDBOX_NAME_RE, name):
+            raise ValueError(
+                f"metadata.name {name!r}: a KarsSandbox names its Service, so its name must be an RFC 1035 "
+                f"label (lower-case letters, digits and '-', starting with a letter, at most {SANDBOX_NAME_MAX})"
+            )
+        return self
 
 
 KINDS: dict[str, type[Resource]] = {

@@ -160,3 +160,22 @@ def test_signing_key_cel_rules_match_the_model() -> None:
         assert _cel_accepts(rules, obj) == _model_accepts(model.SigningKey, obj), obj
         checked += 1
     assert checked == 24
+
+
+def test_sandbox_name_cel_rule_matches_the_model() -> None:
+    """A KarsSandbox names its Service: the API server and the router refuse the same names."""
+    doc = crds.crd(crds.BY_KIND["KarsSandbox"])
+    rules = _rules(doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
+    assert len(rules) == 1
+    names = ["agent-1", "a", "agent.v2", "9agent", "Agent", "agent-", "-agent", "a" * 63, "a" * 64, "a_b"]
+    verdicts = {}
+    for name in names:
+        obj = {
+            "apiVersion": "kars.azure.com/v1alpha1",
+            "kind": "KarsSandbox",
+            "metadata": {"name": name, "namespace": "ns"},
+            "spec": {"image": "img:1"},
+        }
+        assert _cel_accepts(rules, obj) == _model_accepts(model.KarsSandbox, obj), name
+        verdicts[name] = _model_accepts(model.KarsSandbox, obj)
+    assert [n for n, ok in verdicts.items() if ok] == ["agent-1", "a", "a" * 63]
