@@ -28,7 +28,10 @@ class AdminGateMiddleware:
         if not (self._loopback_is_admin and _asgi.is_loopback(scope)):
             auth = _asgi.header(scope, b"authorization")
             if self._token is None:
-                raise errors.Forbidden("the admin API is reachable from loopback only")
+                if self._loopback_is_admin:
+                    raise errors.Forbidden("the admin API is reachable from loopback only")
+                # Sidecar mode: the sandbox shares loopback, so loopback proves nothing here.
+                raise errors.Forbidden("in sidecar mode the admin API needs the admin token, and none is configured")
             if auth is None:
                 raise errors.Unauthenticated("admin bearer token required", code="missing_credentials")
             scheme, _, presented = auth.partition(b" ")

@@ -169,6 +169,11 @@ def test_admin_api_in_sidecar_mode_needs_the_token(router_server: Callable[..., 
     assert_error(httpx.get(url), 401, "missing_credentials")
     assert_error(httpx.get(url, headers={"Authorization": "Bearer s3cret-admin-tokeN"}), 401, "invalid_credentials")
     assert httpx.get(url, headers={"Authorization": "Bearer s3cret-admin-token"}).status_code == 200
+    # No token configured: refused even from loopback, and the message says why.
+    tokenless = router_server(server={"sandbox": "team-a/solo"})
+    refused = httpx.get(f"{tokenless.url}/internal/policy-status")
+    assert_error(refused, 403, "forbidden")
+    assert "sidecar mode" in refused.json()["error"]["message"]
 
 
 async def test_admin_api_from_another_host(make_settings: Callable[..., Any], tmp_path: Path) -> None:
