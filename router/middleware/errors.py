@@ -17,7 +17,7 @@ import logging
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from router import errors
+from router import _asgi, errors
 
 log = logging.getLogger("kars.errors")
 
@@ -58,6 +58,9 @@ class ErrorMiddleware:
 
     @staticmethod
     async def _render(scope: Scope, send: Send, exc: errors.KarsError) -> None:
+        fields = scope.get("state", {}).get(_asgi.LOG_FIELDS)
+        if fields is not None:
+            fields["decision"] = exc.code  # the access line says what refused the request
         status, headers, body = exc.render()
         if scope["type"] == "http":
             await send({"type": "http.response.start", "status": status, "headers": headers})

@@ -2,6 +2,7 @@
 
 The outermost layer, so it sees the status the error layer rendered for every refusal.
 Layers add fields to the log line through ``scope["state"]["kars.log"]`` (tokens, decisions);
+``decision`` is ``allow``, or the ``error.code`` of the refusal the error layer rendered;
 the line never holds secrets, prompts, query strings or tool arguments.
 """
 
@@ -85,4 +86,5 @@ class ObserveMiddleware:
                     "bytesOut": sent,
                 }
                 line.update(fields)
+                line.setdefault("decision", "allow")  # else the error code that refused it (error layer)
                 self._access.emit(line)

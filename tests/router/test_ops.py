@@ -208,6 +208,7 @@ def test_one_json_access_line_per_request(router_server: Callable[..., Any]) -> 
     ok, refused = lines
     assert ok["principal"] == "default/dev" and ok["status"] == 200 and ok["route"] == "/v1/whoami"
     assert refused["principal"] is None and refused["status"] == 401
+    assert (ok["decision"], refused["decision"]) == ("allow", "missing_credentials")  # SPEC.md §7
     assert isinstance(ok["latencyMs"], float)
     assert "should-not-be-logged" not in json.dumps(lines)
     assert token(srv).split(".")[0] not in json.dumps(lines)
