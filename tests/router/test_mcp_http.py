@@ -468,3 +468,23 @@ def test_a_failed_initialize_leaves_no_session_behind(
         later = headers(router, **{"mcp-session-id": session, "mcp-protocol-version": VERSION})
         assert httpx.post(url, json=ping, headers=later, timeout=10).status_code == 404
     assert router.call(router.app.state.kars.mcp.table.wait_size(0), timeout=5) is None
+
+
+def test_an_id_still_pending_in_the_session_is_refused(start: Callable[..., Any]) -> None:
+    """MCP: a request id is not reused within a session. While id 30 waits on a tool, another
+    request with id 30 gets -32600 and does not take the first one's place."""
+    router = start(mcp={"keepAliveS": 0.05})
+    session = initialize(router)
+    hdrs = headers(router, **{"mcp-session-id": session, "mcp-protocol-version": VERSION})
+    hang = {"jsonrpc": "2.0", "id": 30, "method": "tools/call", "params": {"name": "hang", "arguments": {}}}
+    with (
+        httpx.Client(timeout=10) as client,
+        client.stream("POST", f"{router.url}/mcp/tools", json=hang, headers=hdrs) as pending,
+    ):
+        assert pending.status_code == 200
+        (clash,) = sse_messages(call(router, session, "echo", {"text": "x"}, rid=30))
+        assert clash["id"] == 30 and clash["error"]["code"] == -32600
+        assert "still in use" in clash["error"]["message"]
+        (other,) = sse_messages(call(router, session, "echo", {"text": "y"}, rid=31))
+        assert other["result"]["content"][0]["text"] == "y"
+        assert httpx.delete(f"{router.url}/mcp/tools", headers=hdrs, timeout=10).status_code == 200  # frees the hang
