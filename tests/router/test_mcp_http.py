@@ -436,6 +436,8 @@ def test_invalid_json_rpc_is_refused_unforwarded_and_the_session_lives_on(
             sse_messages(call(router, session, "echo", {"text": "still here"}))[0]["result"]["content"][0]["text"]
             == "still here"
         )
+        hdrs["mcp-protocol-version"] = VERSION
+        assert httpx.delete(f"{router.url}/mcp/tools", headers=hdrs, timeout=10).status_code == 200  # then stop it
 
 
 def test_a_tool_that_outlasts_the_read_timeout_fails_alone(start: Callable[..., Any]) -> None:
