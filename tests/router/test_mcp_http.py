@@ -336,6 +336,11 @@ def test_legacy_sse_endpoint_event_keepalive_and_statuses(start: Callable[..., A
         assert json.loads(reply.removeprefix("data: "))["result"]["protocolVersion"] == VERSION
     assert httpx.get(f"{router.url}/mcp/tools/sse", headers={**auth, "accept": "application/json"}).status_code == 406
     router.call(router.app.state.kars.mcp.table.wait_size(0), timeout=5)  # the stream closed: session over
+    # A HEAD gets a GET's headers and opens no session (no upstream session either).
+    head = httpx.head(f"{router.url}/mcp/tools/sse", headers=auth, timeout=10)
+    assert (head.status_code, head.headers["content-type"]) == (200, "text/event-stream")
+    assert len(router.app.state.kars.mcp.table) == 0
+    assert httpx.head(f"{router.url}/mcp/nothing/sse", headers=auth, timeout=10).status_code == 404
 
 
 def test_a_server_whose_secret_is_missing_is_503_not_an_unauthenticated_call(

@@ -18,8 +18,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from router import errors
+from router.identity.principal import Principal
 from router.observability import logs
 from router.observability import metrics as metrics_mod
+from router.policy import model
 from router.policy import store as store_mod
 from router.settings import McpSettings
 from router.transports.mcp import _wire, admission, audit, policy, sessions, upstream
@@ -79,11 +81,16 @@ class Gateway:
     def check_origin(self, scope: Any) -> None:
         admission.check_origin(scope, self._origins)
 
+    def admit(self, scope: Any, name: str) -> tuple[Principal, model.McpServer, policy.Gate]:
+        """The caller, the McpServer ``name`` and its tool gate, or the refusal (401/403/404)."""
+        who = admission.principal(scope)
+        server, gate = admission.admit(self._store.snapshot, who, name)
+        return who, server, gate
+
     async def open(self, scope: Any, name: str, kind: sessions.ClientKind) -> sessions.Session:
         """A new session for the caller, its upstream session already connected (legacy SSE)."""
-        who = admission.principal(scope)
         snapshot = self._store.snapshot
-        server, gate = admission.admit(snapshot, who, name)
+        who, server, gate = self.admit(scope, name)
         self.table.check_capacity(who.id)
         bearer = await admission.upstream_bearer(server, self.settings.secrets_dir)
         link: upstream.Upstream

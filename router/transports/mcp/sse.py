@@ -27,6 +27,11 @@ class SseEndpoint:
         if accept and not _wire.accepts(accept, _wire.CONTENT_TYPE_SSE):
             raise streamable.NotAcceptable("Accept must list text/event-stream")
         name = scope["path_params"]["server"]
+        if scope["method"] == "HEAD":  # Starlette routes it here: the headers a GET gets, and no session
+            self.gw.admit(scope, name)
+            await send({"type": "http.response.start", "status": 200, "headers": _wire.SSE_HEADERS})
+            await send({"type": "http.response.body", "body": b""})
+            return
         session = await self.gw.open(scope, name, "sse")
         root = scope.get("root_path", "")
         endpoint = f"{root}/mcp/{urllib.parse.quote(name)}/messages?sessionId={session.id}"
