@@ -92,19 +92,12 @@ def build_registry(ctl: reconciler.Controller, settings: config.ControllerSettin
         except kube.NameTaken as exc:
             kopf.warn(body, reason="NameConflict", message=str(exc))
             patch.status["phase"] = "Pending"
-            patch.status["conditions"] = conditions.set_condition(
-                (body.get("status") or {}).get("conditions"),
-                "Ready",
-                "False",
-                "NameConflict",
-                str(exc),
-                now=ctl.clock(),
-            )
+            patch.status["conditions"] = _not_ready(ctl, body, "NameConflict", str(exc))
             raise
         except kopf.PermanentError as exc:
             kopf.warn(body, reason="ReconcileFailed", message=str(exc))
             patch.status["phase"] = "Failed"
-            patch.status["conditions"] = _failed_conditions(ctl, body, str(exc))
+            patch.status["conditions"] = _not_ready(ctl, body, "InvalidSpec", str(exc))
             raise
         if status is not None:
             patch.status.update(status)
@@ -135,9 +128,9 @@ def _has_lifecycle(spec: kopf.Spec, **_: Any) -> bool:
     return bool(life.get("shutdownTime")) or life.get("ttlSecondsAfterFinished") is not None
 
 
-def _failed_conditions(ctl: reconciler.Controller, body: kopf.Body, message: str) -> list[dict[str, Any]]:
+def _not_ready(ctl: reconciler.Controller, body: kopf.Body, reason: str, message: str) -> list[dict[str, Any]]:
     return conditions.set_condition(
-        (body.get("status") or {}).get("conditions"), "Ready", "False", "InvalidSpec", message, now=ctl.clock()
+        (body.get("status") or {}).get("conditions"), "Ready", "False", reason, message, now=ctl.clock()
     )
 
 
