@@ -27,6 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy-namespace", default="kars-system", help="namespace of the projection ConfigMap")
     p.add_argument("--policy-configmap", default="kars-policy", help="name of the projection ConfigMap")
     p.add_argument("--router-url", help="router admin base URL, polled for /internal/policy-status")
+    p.add_argument(
+        "--router-replicas-url",
+        help="a headless Service's URL for the router: every replica it resolves to is polled (overrides --router-url)",
+    )
     p.add_argument("--admin-token-file", type=Path, help="file holding the router's admin bearer token")
     p.add_argument("--router-url-for-sandboxes", help="router URL given to sandboxes as KARS_ROUTER_URL")
     p.add_argument("--router-poll-s", type=float, default=config.ROUTER_POLL_S, help="router status poll interval")
@@ -45,6 +49,7 @@ def settings_from_args(args: argparse.Namespace) -> config.ControllerSettings:
         policy_namespace=args.policy_namespace,
         policy_configmap=args.policy_configmap,
         router_url=args.router_url,
+        router_replicas_url=args.router_replicas_url,
         router_url_for_sandboxes=args.router_url_for_sandboxes,
         admin_token_file=args.admin_token_file,
         router_poll_s=args.router_poll_s,

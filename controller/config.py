@@ -47,6 +47,7 @@ class ControllerSettings(BaseModel):
     policy_namespace: str = "kars-system"  # where the projection ConfigMap lives
     policy_configmap: str = "kars-policy"
     router_url: str | None = None  # the router's admin base URL, polled for /internal/policy-status
+    router_replicas_url: str | None = None  # a headless Service's URL instead: every replica is polled
     router_url_for_sandboxes: str | None = None  # injected into sandboxes as KARS_ROUTER_URL
     admin_token_file: Path | None = None
     router_poll_s: float = Field(default=ROUTER_POLL_S, gt=0)

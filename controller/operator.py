@@ -139,12 +139,14 @@ async def controller(settings: config.ControllerSettings) -> AsyncIterator[tuple
     """A Controller and its registry, with the API client open for their lifetime."""
     async with kube.api_client(settings) as api:
         router = None
-        if settings.router_url:
+        url = settings.router_replicas_url or settings.router_url
+        if url:
             router = routerstatus.RouterStatusClient(
-                settings.router_url,
+                url,
                 settings.admin_token_file,
                 poll_s=settings.router_poll_s,
                 max_poll_s=settings.router_poll_max_s,
+                replicas=settings.router_replicas_url is not None,
             )
         ctl = reconciler.Controller(settings, kube.Kube(api), router)
         yield ctl, build_registry(ctl, settings)

@@ -216,6 +216,61 @@ async def test_router_client_backs_off_and_recovers(tmp_path: Path, dead_port: i
     await unreachable.aclose()
 
 
+async def test_router_replicas_are_each_asked_and_a_policy_counts_once_all_have_it(tmp_path: Path) -> None:
+    """Two router replicas (127.0.0.1 and 127.0.0.2, one port: what a headless Service resolves to).
+    The DNS answer is injected: cluster DNS cannot run here; the HTTP to each replica is real."""
+    compiled = projection.compile_resources([_body("McpServer", "a", {"url": "http://a"})])
+    key = ("McpServer", "ns", "a")
+    want = compiled.digests[key]
+    reported = {"127.0.0.1": "sha256:old", "127.0.0.2": want}
+    errors_at: dict[str, str] = {}
+
+    async def policy_status(request: Request) -> Response:
+        host = request.url.hostname or ""
+        entry = {"kind": "McpServer", "namespace": "ns", "name": "a", "digest": reported[host]}
+        entry["lastError"] = errors_at.get(host)
+        return JSONResponse({"entries": [entry]})
+
+    app = Starlette(routes=[Route(routerstatus.POLICY_STATUS_PATH, policy_status)])
+    port = servers.free_port()
+    resolved = ["127.0.0.1", "127.0.0.2"]
+
+    async def resolver(host: str) -> list[str]:
+        assert host == "kars-router-replicas.kars-system.svc"
+        return list(resolved)
+
+    with servers.serve(app, host="127.0.0.1", port=port), servers.serve(app, host="127.0.0.2", port=port):
+        client = routerstatus.RouterStatusClient(
+            f"http://kars-router-replicas.kars-system.svc:{port}",
+            None,
+            poll_s=1,
+            max_poll_s=2,
+            replicas=True,
+            resolver=resolver,
+        )
+        try:
+            status = await client.fetch()
+            assert status["replicas"] == 2
+            assert projection.readiness(compiled, status, [key])[key].reason == "Pending"  # one has not loaded it
+            reported["127.0.0.1"] = want
+            assert projection.readiness(compiled, await client.fetch(), [key])[key].reason == "Loaded"
+            errors_at["127.0.0.2"] = "x.json:1: nope"
+            assert projection.readiness(compiled, await client.fetch(), [key])[key].reason == "RouterRejected"
+            resolved.clear()
+            with pytest.raises(routerstatus.RouterUnavailable, match="no router replica is ready"):
+                await client.fetch()
+        finally:
+            await client.aclose()
+
+
+def test_merge_of_replica_statuses() -> None:
+    a = {"kind": "TrustGraph", "namespace": "", "name": "g", "digest": "d1", "warnings": ["w1"]}
+    merged = routerstatus.merge([{"entries": [a]}, {"entries": [{**a, "warnings": ["w2"]}]}])
+    assert merged["entries"] == [{**a, "warnings": ["w1", "w2"]}]
+    only_one = routerstatus.merge([{"entries": [a]}, {"entries": []}])
+    assert only_one["entries"][0]["digest"] is None  # a replica that does not have it at all
+
+
 def test_projection_cache_gives_the_same_result_and_forgets_deleted_resources() -> None:
     bodies = [_body("McpServer", "a", {"url": "http://a"}), _body("McpServer", "bad", {"url": "ftp://x"})]
     cache: projection.Cache = {}

@@ -219,6 +219,12 @@ def test_router_deployment_mounts_policy_and_wires_identity() -> None:
     assert "--namespace=team-a" in args and "--all-namespaces" not in args
     assert "--seccomp-profile=profiles/kars.json" in args
     assert "--token-audience=kars-router" in args  # the audience the router checks (router.identity.audience)
+    # Every router replica is asked what it loaded, through a headless Service on the same pods.
+    assert f"--router-replicas-url=http://kars-router-replicas.{NAMESPACE}.svc:8443" in args
+    (headless,) = [d for d in by_kind(docs, "Service") if d["metadata"]["name"] == "kars-router-replicas"]
+    (service,) = [d for d in by_kind(docs, "Service") if d["metadata"]["name"] == "kars-router"]
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["selector"] == service["spec"]["selector"] == router["spec"]["selector"]["matchLabels"]
     moved = render({"router": {"identity": {"audience": "my-aud"}}})
     (controller,) = [d for d in by_kind(moved, "Deployment") if d["metadata"]["name"] == "kars-controller"]
     assert "--token-audience=my-aud" in controller["spec"]["template"]["spec"]["containers"][0]["args"]
