@@ -204,10 +204,16 @@ class Kube:
             args = (model.API_GROUP, "v1alpha1", plural, name, patch)
         await _call(what, call(*args, _content_type=MERGE_PATCH), missing_ok=True)
 
-    async def post_event(self, obj: Mapping[str, Any], *, type_: str, reason: str, message: str) -> None:
-        """A core/v1 Event about ``obj``, for findings outside kopf handlers (which post their own)."""
+    async def post_event(
+        self, obj: Mapping[str, Any], *, type_: str, reason: str, message: str, home_namespace: str
+    ) -> None:
+        """A core/v1 Event about ``obj``, for findings outside kopf handlers (which post their own).
+
+        An Event about a cluster-scoped object (a TrustGraph) goes to ``home_namespace``, the
+        controller's own, where the chart lets it post them in every mode.
+        """
         meta = obj.get("metadata", {})
-        namespace = meta.get("namespace") or "default"  # events about cluster-scoped objects
+        namespace = meta.get("namespace") or home_namespace
         now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         event = {
             "apiVersion": "v1",

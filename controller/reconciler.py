@@ -228,7 +228,11 @@ class Controller:
                     # A permanent error: say why on the object, once per distinct reason.
                     try:
                         await self.kube.post_event(
-                            self.index[key], type_="Warning", reason="RouterRejected", message=ready["message"]
+                            self.index[key],
+                            type_="Warning",
+                            reason="RouterRejected",
+                            message=ready["message"],
+                            home_namespace=self.settings.policy_namespace,
                         )
                     except (kopf.TemporaryError, kopf.PermanentError) as exc:  # the condition says it too
                         log.warning("event not posted for %s: %s", "/".join(key), exc)

@@ -303,3 +303,16 @@ def test_sandboxes_reach_the_router_with_labels_but_without_env_or_identity() ->
     (item,) = projection.projected_items(projection.compile_resources([body]), "KarsSandbox")
     assert item["metadata"]["labels"] == {"team": "a"}
     assert "s3cret" not in json.dumps(item) and "identity" not in item["spec"]
+
+
+async def test_an_event_about_a_cluster_scoped_object_goes_to_the_controllers_namespace(cluster: Any) -> None:
+    """A TrustGraph has no namespace: its Events go where the chart lets the controller post them."""
+    settings = config.ControllerSettings(api_server=str(cluster.api.url))
+    async with kube.api_client(settings) as api:
+        graph = {"apiVersion": model.API_VERSION, "kind": "TrustGraph", "metadata": {"name": "mesh", "uid": "u1"}}
+        await kube.Kube(api).post_event(
+            graph, type_="Warning", reason="RouterRejected", message="nope", home_namespace="kars-system"
+        )
+    (event,) = cluster.events("kars-system")
+    assert (event["involvedObject"]["name"], event["reason"]) == ("mesh", "RouterRejected")
+    assert cluster.events("default") == []

@@ -146,6 +146,10 @@ def test_rbac_is_least_privilege() -> None:
     (policy_role,) = [r for r in by_kind(default, "Role") if r["metadata"]["name"].endswith("-policy")]
     named = [r for r in policy_role["rules"] if r.get("resourceNames")]
     assert named[0]["resourceNames"] == ["kars-policy"]
+    # Events about cluster-scoped objects go to the release namespace, whatever namespaces are watched.
+    for variant in (default, render(VARIANTS["namespaced-monitored"])):
+        (home,) = [r for r in by_kind(variant, "Role") if r["metadata"]["name"].endswith("-policy")]
+        assert any("events" in r["resources"] and "create" in r["verbs"] for r in home["rules"])
     # Watching named namespaces: a Role per namespace, no cluster-wide pod rights.
     scoped = render(VARIANTS["namespaced-monitored"])
     assert {r["metadata"]["namespace"] for r in by_kind(scoped, "Role")} == {"team-a", "team-b", NAMESPACE}
