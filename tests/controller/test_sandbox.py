@@ -319,6 +319,7 @@ async def test_the_finalizer_an_older_controller_put_on_is_taken_off(
             "the finalizer removed",
         )
     # (Reconciling it afterwards is not checked here: the emulated API server does not bump
-    # resourceVersion on JSON patches, so kopf's second finalizer patch fails there, not in a cluster.)
+    # resourceVersion on JSON patches, so kopf's second finalizer patch fails there; a real one would
+    # refuse it on the stale resourceVersion and kopf would read the object again. Not verified here.)
     await cluster.delete(SANDBOXES, NS, "agent-1")  # nothing holds it back any more
     assert cluster.get(SANDBOXES, NS, "agent-1") is None
