@@ -179,6 +179,8 @@ FIELD_EXTRAS: dict[tuple[str, str], dict[str, Any]] = {
     ("Edge", "issuedAt"): DATE_TIME,
     ("Edge", "notAfter"): DATE_TIME,
     ("Lifecycle", "shutdownTime"): DATE_TIME,
+    ("ResourceList", "cpu"): {"x-kubernetes-int-or-string": True},  # cpu: 1 as kubectl takes it
+    ("ResourceList", "memory"): {"x-kubernetes-int-or-string": True},
     ("McpServerSpec", "url"): HTTP_URL,
     ("A2AAgentSpec", "endpointUrl"): HTTP_URL,
     ("Condition", "lastTransitionTime"): DATE_TIME,

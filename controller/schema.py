@@ -120,6 +120,8 @@ def structural(
                         if prop in defaults.get(def_name, {}):
                             converted["default"] = defaults[def_name][prop]
                         converted.update(copy.deepcopy(dict(field_extras.get((def_name, prop), {}))))
+                        if converted.get("x-kubernetes-int-or-string"):
+                            converted.pop("type", None)  # the API server requires int-or-string untyped
                     props[prop] = converted
                 out["properties"] = props
             elif key in ("items", "additionalProperties"):

@@ -302,9 +302,19 @@ class EnvVar(Strict):
     value: str = ""
 
 
+def _quantity(value: Any) -> Any:
+    """A Kubernetes quantity may be written as a number (``cpu: 1``): it is kept as its text."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+Quantity = Annotated[str, pydantic.BeforeValidator(_quantity)]  # int-or-string in the CRD
+
+
 class ResourceList(Strict):
-    cpu: str | None = None
-    memory: str | None = None
+    cpu: Quantity | None = None
+    memory: Quantity | None = None
 
 
 class Resources(Strict):

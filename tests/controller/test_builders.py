@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import kopf
+import pydantic
 import pytest
 from kubernetes_asyncio.client.exceptions import ApiException
 from starlette.applications import Starlette
@@ -44,6 +45,12 @@ def test_pod_resources_default_and_override() -> None:
     pod = builders.pod(sandbox(resources={"limits": {"cpu": "2"}, "requests": {"memory": "1Gi"}}), OWNER, settings)
     res = pod["spec"]["containers"][0]["resources"]
     assert res["limits"]["cpu"] == "2" and res["requests"]["memory"] == "1Gi"
+    # Quantities written as numbers, as kubectl takes them (cpu: 1), are kept as their text.
+    pod = builders.pod(sandbox(resources={"limits": {"cpu": 1, "memory": 1073741824}}), OWNER, settings)
+    assert pod["spec"]["containers"][0]["resources"]["limits"]["cpu"] == "1"
+    assert pod["spec"]["containers"][0]["resources"]["limits"]["memory"] == "1073741824"
+    with pytest.raises(pydantic.ValidationError):
+        sandbox(resources={"limits": {"cpu": True}})
 
 
 def test_pod_runtime_class_and_user_env_wins() -> None:

@@ -179,3 +179,8 @@ def test_sandbox_name_cel_rule_matches_the_model() -> None:
         assert _cel_accepts(rules, obj) == _model_accepts(model.KarsSandbox, obj), name
         verdicts[name] = _model_accepts(model.KarsSandbox, obj)
     assert [n for n, ok in verdicts.items() if ok] == ["agent-1", "a", "a" * 63]
+
+
+def test_quantities_are_int_or_string() -> None:
+    limits = _spec_schema("KarsSandbox")["properties"]["resources"]["properties"]["limits"]["properties"]
+    assert limits["cpu"] == limits["memory"] == {"x-kubernetes-int-or-string": True}
