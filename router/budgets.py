@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import urllib.parse
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -44,7 +45,7 @@ DATA_URL_TOKENS = 1_500  # an inline image: the most a high-detail image costs o
 DEFAULT_OUTPUT_TOKENS = 4_096  # reserved when neither the request nor any policy bounds the output
 MAX_OUTPUT_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 CHOICE_FIELDS = ("n", "best_of")
-MAX_COMPLETION_TOKENS_SINCE = b"2024-09-01"  # Azure OpenAI API versions before it know only max_tokens
+MAX_COMPLETION_TOKENS_SINCE = "2024-09-01"  # Azure OpenAI API versions before it know only max_tokens
 CLUSTER_KEY = "*"
 
 
@@ -105,21 +106,13 @@ def _choices(body: dict[str, Any]) -> int:
     return choices
 
 
-def _api_version(query: bytes) -> bytes | None:
-    for pair in query.split(b"&"):
-        name, _, value = pair.partition(b"=")
-        if name == b"api-version":
-            return value
-    return None
-
-
 def _output_field(upstream_path: str, query: bytes) -> str | None:
     """The field that bounds the output of the endpoint at ``upstream_path`` (None: the endpoint has none)."""
     if upstream_path.endswith("/chat/completions"):
         if upstream_path.startswith("/models/"):
             return "max_tokens"
-        version = _api_version(query)
-        if version is not None and version < MAX_COMPLETION_TOKENS_SINCE:
+        version = urllib.parse.parse_qs(query.decode("latin-1")).get("api-version")
+        if version and version[0] < MAX_COMPLETION_TOKENS_SINCE:
             return "max_tokens"
         return "max_completion_tokens"
     if upstream_path.endswith("/completions"):
