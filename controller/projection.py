@@ -161,11 +161,16 @@ class Readiness:
     digest: str | None
 
 
+def status_key(entry: Mapping[str, Any]) -> Key:
+    """The key of one entry of the router's ``/internal/policy-status``."""
+    return (str(entry.get("kind")), str(entry.get("namespace") or ""), str(entry.get("name")))
+
+
 def readiness(compiled: Compiled, router_status: Mapping[str, Any], keys: Iterable[Key]) -> dict[Key, Readiness]:
     """``Ready`` of each policy CR: True only when the router reports the digest we projected."""
     entries: dict[Key, Mapping[str, Any]] = {}
     for entry in router_status.get("entries", []) or []:
-        k = (str(entry.get("kind")), str(entry.get("namespace") or ""), str(entry.get("name")))
+        k = status_key(entry)
         entries[k] = entry
     out: dict[Key, Readiness] = {}
     for key in keys:

@@ -20,6 +20,8 @@ from typing import Any
 
 import httpx
 
+from controller import projection
+
 log = logging.getLogger("kars.controller.router")
 
 POLICY_STATUS_PATH = "/internal/policy-status"
@@ -43,11 +45,11 @@ def merge(documents: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     """One status from every replica's: an entry keeps its digest only where all replicas report
     that digest, carries any replica's ``lastError``, and the union of their warnings."""
     docs = list(documents)
-    merged: dict[tuple[str, str, str], dict[str, Any]] = {}
-    seen: dict[tuple[str, str, str], int] = {}
+    merged: dict[projection.Key, dict[str, Any]] = {}
+    seen: dict[projection.Key, int] = {}
     for doc in docs:
         for entry in doc.get("entries", []) or []:
-            key = (str(entry.get("kind")), str(entry.get("namespace") or ""), str(entry.get("name")))
+            key = projection.status_key(entry)
             seen[key] = seen.get(key, 0) + 1
             into = merged.setdefault(key, {**entry, "warnings": []})
             if into.get("digest") != entry.get("digest"):
