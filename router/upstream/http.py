@@ -19,6 +19,7 @@ callers ask for ``identity`` and pass through whatever arrives.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import AsyncIterator, Iterable
 
@@ -117,6 +118,11 @@ class Response:
             self._resp.close()  # cut short: the connection cannot be reused
 
 
+def stopped_sending(read_s: float) -> str:
+    """The message of a read timeout: the upstream went silent for ``read_s``."""
+    return f"upstream stopped sending for {read_s:g} s"
+
+
 class Client:
     """A pooled HTTP client for one upstream base URL, for the app's lifetime.
 
@@ -156,20 +162,43 @@ class Client:
         return len(connector._acquired) if connector is not None else 0
 
     def stopped_sending(self) -> str:
-        return f"upstream stopped sending for {self._timeouts.read_s:g} s"
+        return stopped_sending(self._timeouts.read_s)
 
     async def request(
-        self, method: str, path: str, *, headers: Iterable[tuple[str, str]], body: bytes | None
+        self,
+        method: str,
+        path: str,
+        *,
+        headers: Iterable[tuple[str, str]],
+        body: bytes | None,
+        long_lived: bool = False,
     ) -> Response:
-        """Send one request to ``base_url + path`` (path already quoted, query included)."""
+        """Send one request to ``base_url + path`` (path already quoted, query included).
+
+        ``long_lived``: an event stream that may rightly stay silent (an MCP session's GET
+        stream): its headers must come within the read timeout, its body may pause for as long
+        as it likes. Every other reply fails when it stops sending for the read timeout.
+        """
         session = self._session
         if session is None:
             raise errors.ServiceUnavailable("upstream client is not started", code="upstream_not_configured")
         url = yarl.URL(self.base_url + path, encoded=True)
         try:
-            resp = await session.request(
-                method, url, headers=list(headers), data=body, allow_redirects=False, compress=None
-            )
+            if long_lived:
+                async with asyncio.timeout(self._timeouts.read_s):
+                    resp = await session.request(
+                        method,
+                        url,
+                        headers=list(headers),
+                        data=body,
+                        allow_redirects=False,
+                        compress=None,
+                        timeout=aiohttp.ClientTimeout(total=None, connect=self._timeouts.connect_s),
+                    )
+            else:
+                resp = await session.request(
+                    method, url, headers=list(headers), data=body, allow_redirects=False, compress=None
+                )
         except aiohttp.ConnectionTimeoutError as exc:  # before TimeoutError, its base: nothing was sent
             message = f"upstream unreachable: no connection within {self._timeouts.connect_s:g} s"
             raise errors.UpstreamError(message, code="upstream_unavailable") from exc

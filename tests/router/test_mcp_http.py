@@ -445,16 +445,29 @@ def test_invalid_json_rpc_is_refused_unforwarded_and_the_session_lives_on(
         assert httpx.delete(f"{router.url}/mcp/tools", headers=hdrs, timeout=10).status_code == 200  # then stop it
 
 
-def test_a_tool_that_outlasts_the_read_timeout_fails_alone(start: Callable[..., Any]) -> None:
+@pytest.mark.parametrize("kind", ["streamable-http", "sse"])
+def test_a_tool_that_outlasts_the_read_timeout_fails_alone(
+    kind: str, router_server: Callable[..., Any], policy_dir: Path
+) -> None:
     """The call gets a JSON-RPC error of its own and the upstream is told to cancel it; the
-    session, and the calls after it, go on (a slow tool is not a dead upstream)."""
-    router = start(mcp={"upstreamReadTimeoutS": 0.5})
-    session = initialize(router)
-    (answer,) = sse_messages(call(router, session, "hang", {}, rid=21))
-    assert answer["id"] == 21 and answer["error"]["code"] == -32007
-    assert answer["error"]["message"] == "upstream stopped sending for 0.5 s"
-    (echoed,) = sse_messages(call(router, session, "echo", {"text": "after"}, rid=22))
-    assert echoed["result"]["content"][0]["text"] == "after"
+    session, and the calls after it, go on (a slow tool is not a dead upstream). On a legacy
+    SSE upstream the reply would come on the shared stream, which other traffic keeps alive."""
+    sdk = ms.build_upstream()
+    upstream = RecordingUpstream(sdk.streamable_http_app() if kind == "streamable-http" else sdk.sse_app())
+    with servers.serve(upstream) as srv:
+        ms.write_policy(policy_dir, ms.mcp_server_doc("tools", f"{srv.url}/{'mcp' if kind != 'sse' else 'sse'}", kind))
+        router = router_server(mcp={"upstreamReadTimeoutS": 0.5})
+        session = initialize(router)
+        (answer,) = sse_messages(call(router, session, "hang", {}, rid=21))
+        assert answer["id"] == 21 and answer["error"]["code"] == -32007
+        assert answer["error"]["message"] == "upstream stopped sending for 0.5 s"
+        cancel = {"requestId": 21, "reason": "upstream stopped sending for 0.5 s"}
+        sent = [json.loads(body) for body in upstream.bodies if body]
+        assert {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": cancel} in sent
+        (echoed,) = sse_messages(call(router, session, "echo", {"text": "after"}, rid=22))
+        assert echoed["result"]["content"][0]["text"] == "after"
+        hdrs = headers(router, **{"mcp-session-id": session, "mcp-protocol-version": VERSION})
+        assert httpx.delete(f"{router.url}/mcp/tools", headers=hdrs, timeout=10).status_code == 200  # then stop it
 
 
 def test_a_failed_initialize_leaves_no_session_behind(

@@ -48,6 +48,11 @@ class Pool:
         self._clients: dict[str, http.Client] = {}
         self._lock = asyncio.Lock()
 
+    @property
+    def read_timeout_s(self) -> float:
+        """How long an upstream may stay silent while a request waits on it."""
+        return self._timeouts.read_s
+
     async def client(self, url: str) -> tuple[http.Client, str]:
         """The client for ``url``'s origin and the path (with query) to ask it for."""
         parts = urllib.parse.urlsplit(url)
@@ -168,7 +173,9 @@ class StreamableUpstream:
         client, path = await self._pool.client(self._url)
         while True:
             try:
-                resp = await client.request("GET", path, headers=self._headers(_wire.CONTENT_TYPE_SSE), body=None)
+                resp = await client.request(
+                    "GET", path, headers=self._headers(_wire.CONTENT_TYPE_SSE), body=None, long_lived=True
+                )
             except errors.KarsError as exc:
                 raise Gone(exc.message) from exc
             try:
@@ -216,7 +223,9 @@ class SseUpstream:
 
     async def start(self) -> None:
         client, path = await self._pool.client(self._url)
-        resp = await client.request("GET", path, headers=self._headers(_wire.CONTENT_TYPE_SSE), body=None)
+        resp = await client.request(
+            "GET", path, headers=self._headers(_wire.CONTENT_TYPE_SSE), body=None, long_lived=True
+        )
         if resp.status != 200:
             resp.close()
             raise errors.UpstreamError(f"upstream SSE endpoint answered HTTP {resp.status}")
@@ -288,10 +297,18 @@ class SseUpstream:
         self._pending[request_id] = queue
         if token is not None:
             self._progress[token] = request_id
+        read_s = self._pool.read_timeout_s
         try:
             await self._post(raw)
             while True:
-                item = await queue.get()
+                # The reply comes on the shared stream, which stays busy with other traffic, so
+                # the stream's own read timeout cannot see one request go unanswered: as on a
+                # Streamable HTTP upstream, the request fails alone when nothing of it comes.
+                try:
+                    async with asyncio.timeout(read_s):
+                        item = await queue.get()
+                except TimeoutError:
+                    raise errors.UpstreamTimeout(http.stopped_sending(read_s)) from None
                 if item is None:
                     raise Gone("upstream stream ended")
                 yield item
