@@ -31,10 +31,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import urllib.parse
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from router import inference
 from router.policy import model
 from router.stores import base, windows
 
@@ -106,27 +106,24 @@ def _choices(body: dict[str, Any]) -> int:
     return choices
 
 
-def _output_field(upstream_path: str, query: bytes) -> str | None:
-    """The field that bounds the output of the endpoint at ``upstream_path`` (None: the endpoint has none)."""
-    if upstream_path.endswith("/chat/completions"):
-        if upstream_path.startswith("/models/"):
+def _output_field(route: inference.InferenceRoute, query: bytes) -> str | None:
+    """The field that bounds the output of ``route``'s endpoint (None: the endpoint has none)."""
+    if route.endpoint == "chat/completions":
+        if route.upstream_path[: len(inference.MODELS_PREFIX)].lower() == inference.MODELS_PREFIX:
             return "max_tokens"
-        version = urllib.parse.parse_qs(query.decode("latin-1")).get("api-version")
-        if version and version[0] < MAX_COMPLETION_TOKENS_SINCE:
-            return "max_tokens"
-        return "max_completion_tokens"
-    if upstream_path.endswith("/completions"):
+        return "max_tokens" if inference.predates(query, MAX_COMPLETION_TOKENS_SINCE) else "max_completion_tokens"
+    if route.endpoint == "completions":
         return "max_tokens"
-    if upstream_path.endswith("/responses"):
+    if route.endpoint == "responses":
         return "max_output_tokens"
     return None
 
 
-def output_bound(upstream_path: str, query: bytes, body: Any, worst: WorstCase) -> tuple[str, int] | None:
+def output_bound(route: inference.InferenceRoute, query: bytes, body: Any, worst: WorstCase) -> tuple[str, int] | None:
     """The output maximum to add to a request that names none: ``(field, tokens a choice)``, or None."""
     if not worst.unbounded or not isinstance(body, dict):
         return None
-    field = _output_field(upstream_path, query)
+    field = _output_field(route, query)
     if field is None:
         return None
     return field, max(1, (worst.tokens - worst.prompt) // _choices(body))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import urllib.parse
 from typing import Literal
 
 Action = Literal["chat", "responses", "embeddings", "image", "audio", "other"]
@@ -23,6 +24,8 @@ _ACTIONS: dict[str, Action] = {
 }
 
 OPENAI_PREFIX = "/openai/"
+OPENAI_V1_PREFIX = "/openai/v1/"
+DEPLOYMENTS_PREFIX = "/openai/deployments/"
 V1_ALIAS_PREFIX = "/v1/"
 MODELS_PREFIX = "/models/"
 
@@ -32,6 +35,7 @@ class InferenceRoute:
     action: Action
     deployment: str | None  # from the path (Azure deployments style); None when the body's "model" names it
     upstream_path: str  # the path to call on the Foundry endpoint (the /v1 alias mapped to /openai/v1)
+    endpoint: str = ""  # what follows the deployment, /v1 or /models, in lower case: "chat/completions"
 
     @property
     def generates(self) -> bool:
@@ -39,30 +43,52 @@ class InferenceRoute:
         return self.action not in ("other",)
 
 
-def _action(endpoint: str) -> Action:
-    return _ACTIONS.get(endpoint) or ("audio" if endpoint.startswith("audio/") else "other")
+def _starts(path: str, prefix: str) -> bool:
+    """``path`` begins with ``prefix``, in any case (as the endpoint is matched: see ``_action``)."""
+    return path[: len(prefix)].lower() == prefix
+
+
+def _route(endpoint: str, deployment: str | None, path: str) -> InferenceRoute:
+    # Case-blind: an upstream whose routing is (ASP.NET's is) must not get an unbudgeted chat call.
+    endpoint = endpoint.lower()
+    action = _ACTIONS.get(endpoint) or ("audio" if endpoint.startswith("audio/") else "other")
+    return InferenceRoute(action, deployment, path, endpoint)
 
 
 @functools.lru_cache(maxsize=4096)  # three layers ask per request; routes are immutable
 def classify(path: str) -> InferenceRoute | None:
-    """The inference route for ``path``, or None when the path is not an inference route."""
-    if path.startswith(V1_ALIAS_PREFIX):
+    """The inference route for ``path``, or None when the path is not an inference route.
+
+    A path with an empty, ``.`` or ``..`` segment is none: an upstream that normalises it would
+    serve another endpoint than the one classified here (``/openai/v1/x/../chat/completions``
+    would be a chat call that the budget and safety layers took for ``other``).
+    """
+    if "//" in path or "/." in path or path.endswith("/"):
+        segments = path.split("/")[1:]
+        if any(s in ("", ".", "..") for s in segments):
+            return None
+    if _starts(path, V1_ALIAS_PREFIX):
         path = "/openai" + path
-    if path.startswith("/openai/deployments/"):
-        rest = path[len("/openai/deployments/") :]
+    if _starts(path, DEPLOYMENTS_PREFIX):
+        rest = path[len(DEPLOYMENTS_PREFIX) :]
         deployment, _, endpoint = rest.partition("/")
         if not deployment or not endpoint:
             return None
-        return InferenceRoute(_action(endpoint), deployment, path)
-    if path.startswith("/openai/v1/"):
-        endpoint = path[len("/openai/v1/") :]
-        return InferenceRoute(_action(endpoint), None, path)
-    if path.startswith(OPENAI_PREFIX) and len(path) > len(OPENAI_PREFIX):
+        return _route(endpoint, deployment, path)
+    if _starts(path, OPENAI_V1_PREFIX):
+        return _route(path[len(OPENAI_V1_PREFIX) :], None, path)
+    if _starts(path, OPENAI_PREFIX) and len(path) > len(OPENAI_PREFIX):
         # Azure OpenAI's dated data plane without a deployment in the path (the AzureOpenAI SDK
         # calls /openai/responses?api-version=..., /openai/files, /openai/models): "model" is in the body.
-        endpoint = path[len(OPENAI_PREFIX) :]
-        return InferenceRoute(_action(endpoint), None, path)
-    if path.startswith(MODELS_PREFIX):
-        endpoint = path[len(MODELS_PREFIX) :]
-        return InferenceRoute(_action(endpoint), None, path)
+        return _route(path[len(OPENAI_PREFIX) :], None, path)
+    if _starts(path, MODELS_PREFIX):
+        return _route(path[len(MODELS_PREFIX) :], None, path)
     return None
+
+
+def predates(query: bytes, version: str) -> bool:
+    """Whether the request names an Azure ``api-version`` older than ``version`` (dates compare as text)."""
+    if b"api-version=" not in query:
+        return False
+    named = urllib.parse.parse_qs(query.decode("latin-1")).get("api-version")
+    return named is not None and named[0] < version

@@ -168,7 +168,7 @@ class _Budgeted:
         worst = budgets.worst_case(route.action, body, self.policies)
         self._check_cap(worst)
         # A request that names no output maximum gets the one it reserves for (budgets: "Bounded output").
-        bound = budgets.output_bound(route.upstream_path, self.scope["query_string"], body, worst)
+        bound = budgets.output_bound(route, self.scope["query_string"], body, worst)
         if bound is not None:
             field, tokens = bound
             _body.rewrite_json(self.scope, {**body, field: tokens})

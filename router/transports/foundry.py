@@ -37,7 +37,7 @@ from router.upstream import credentials
 from router.upstream import http as http_mod
 
 UPSTREAM = "foundry"
-DEPLOYMENTS_PREFIX = "/openai/deployments/"
+STREAM_OPTIONS_SINCE = "2024-09-01"  # older Azure API versions refuse stream_options (400)
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 MAX_DRAIN_BYTES = 64 * 1024  # a failed attempt's error body is read so its connection can be reused
 
@@ -157,7 +157,8 @@ class FoundryTransport:
     ) -> None:
         stream = isinstance(doc, dict) and doc.get("stream") is True
         strip = False
-        if stream and route.upstream_path.endswith("/chat/completions"):
+        query = scope.get("query_string", b"")
+        if stream and route.endpoint == "chat/completions" and not inference.predates(query, STREAM_OPTIONS_SINCE):
             options = doc.get("stream_options")
             if not (isinstance(options, dict) and options.get("include_usage") is True):
                 extra = options if isinstance(options, dict) else {}
@@ -170,7 +171,6 @@ class FoundryTransport:
         chain = deployment_chain(named, self._preference(scope, route))
         headers = _forward_headers(scope)
         headers.extend(await broker.headers())
-        query = scope.get("query_string", b"")
         suffix = "?" + query.decode("latin-1") if query else ""
 
         for attempt, deployment in enumerate(chain):
@@ -290,8 +290,8 @@ def _target(
     if deployment is None or deployment == named:
         return _quoted(path), body
     if route.deployment is not None:
-        endpoint = path[len(DEPLOYMENTS_PREFIX) :].partition("/")[2]
-        return quote(f"{DEPLOYMENTS_PREFIX}{deployment}/{endpoint}"), body
+        endpoint = path[len(inference.DEPLOYMENTS_PREFIX) :].partition("/")[2]
+        return quote(f"{inference.DEPLOYMENTS_PREFIX}{deployment}/{endpoint}"), body
     if isinstance(doc, dict):
         return quote(path), orjson.dumps({**doc, "model": deployment})
     return quote(path), body

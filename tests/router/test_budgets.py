@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from router import budgets
+from router import budgets, inference
 from router.policy import model
 
 OVERHEAD = budgets.PROMPT_OVERHEAD_TOKENS
@@ -85,6 +85,12 @@ def test_worst_case() -> None:
     assert budgets.over_cap(capped, 500) is None
 
 
+def route(path: str) -> inference.InferenceRoute:
+    found = inference.classify(path)
+    assert found is not None
+    return found
+
+
 @pytest.mark.parametrize(
     ("path", "query", "body", "expected"),
     [
@@ -100,6 +106,8 @@ def test_worst_case() -> None:
         ("/models/chat/completions", b"api-version=2024-05-01-preview", {}, ("max_tokens", 900)),
         ("/openai/deployments/d/completions", b"api-version=2024-10-21", {"best_of": 2}, ("max_tokens", 450)),
         ("/openai/v1/responses", b"", {}, ("max_output_tokens", 900)),
+        ("/openai/V1/Chat/Completions", b"", {}, ("max_completion_tokens", 900)),  # as an upstream may read it
+        ("/openai/deployments/d/Completions", b"", {}, ("max_tokens", 900)),
         ("/openai/deployments/d/embeddings", b"", {}, None),  # no output to bound
         ("/openai/deployments/d/images/generations", b"", {}, None),
         ("/openai/v1/chat/completions", b"", None, None),  # not a JSON object
@@ -107,21 +115,21 @@ def test_worst_case() -> None:
 )
 def test_output_bound(path: str, query: bytes, body: Any, expected: tuple[str, int] | None) -> None:
     worst = budgets.WorstCase(prompt=100, tokens=1_000, unbounded=True)
-    assert budgets.output_bound(path, query, body, worst) == expected
+    assert budgets.output_bound(route(path), query, body, worst) == expected
 
 
 @pytest.mark.parametrize("body", [{"max_tokens": 5}, {"max_completion_tokens": 5}, {"max_output_tokens": 5}])
 def test_no_output_bound_when_the_caller_set_one(body: dict[str, Any]) -> None:
     worst = budgets.worst_case("chat", body, [policy(perRequestTokens=900, dailyTokens=1000)])
     assert not worst.unbounded
-    assert budgets.output_bound("/openai/v1/chat/completions", b"", body, worst) is None
+    assert budgets.output_bound(route("/openai/v1/chat/completions"), b"", body, worst) is None
     assert budgets.worst_case("chat", {}, []).unbounded
 
 
 def test_output_bound_leaves_at_least_one_token() -> None:
     """A prompt estimate that fills the whole per-request cap still sends a valid maximum."""
     full = budgets.WorstCase(100, 100, unbounded=True)
-    bound = budgets.output_bound("/openai/v1/chat/completions", b"", {"n": 2}, full)
+    bound = budgets.output_bound(route("/openai/v1/chat/completions"), b"", {"n": 2}, full)
     assert bound == ("max_completion_tokens", 1)
 
 

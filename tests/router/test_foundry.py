@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import http.client
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,6 +13,7 @@ import httpx
 import openai
 import pytest
 
+from router import budgets
 from router import usage as usage_mod
 from tests.router.foundry_support import UPSTREAM_KEY, Stack, foundry_stack
 from tests.support import waiting
@@ -360,3 +362,75 @@ def test_usage_settles_the_token_budget(make_settings: Callable[..., Any], tmp_p
         with pytest.raises(openai.RateLimitError):
             azure(s).chat.completions.create(model="throttled", messages=MESSAGES)  # type: ignore[arg-type]
         assert used() == 30  # an upstream error reply generated nothing: the reservation is released
+
+
+def test_chat_stream_gets_no_stream_options_on_an_api_version_that_refuses_them(
+    make_settings: Callable[..., Any], tmp_path: Path, policy_dir: Path
+) -> None:
+    """Azure answers 400 "Unrecognized request argument supplied: stream_options" before api-version
+    2024-09-01, so the router adds nothing there; the stream then ends without usage and is
+    charged its whole reservation (SPEC.md §3). From 2024-09-01 on, it is added."""
+    (policy_dir / "budget.yaml").write_text(BUDGET)
+    with foundry_stack(make_settings, tmp_path) as s:
+        for version, added in (("2024-06-01", False), ("2024-10-21", True)):
+            sdk = openai.AzureOpenAI(azure_endpoint=s.router.url, api_version=version, api_key=s.token, max_retries=0)
+            chunks = list(sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True, max_tokens=50))  # type: ignore[arg-type]
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            assert text == "Hello from the fake upstream."
+            assert all(c.usage is None for c in chunks)
+            sent = s.fake.requests[-1].json()
+            assert ("stream_options" in sent) is added, version
+            assert last_state(s)["kars.log"]["budgetChargedTokens"] == (
+                budgets.estimate_prompt_tokens(sent) + 50 if not added else 15
+            )
+
+
+NON_CANONICAL = [
+    "/openai/v1/x/../chat/completions",
+    "/openai/v1/./chat/completions",
+    "/openai/v1//chat/completions",
+    "/openai/v1/chat/completions/",
+    "/v1/x/%2e%2e/chat/completions",
+    "/openai/deployments/gpt-4o/./chat/completions?api-version=2024-10-21",
+    "/openai/deployments/gpt-4o/x/../chat/completions?api-version=2024-10-21",
+]
+
+
+@pytest.mark.parametrize("path", NON_CANONICAL)
+def test_a_path_with_empty_or_dot_segments_is_404_and_never_forwarded(stack: Stack, path: str) -> None:
+    """An upstream that normalises such a path would serve chat completions that the budget and
+    safety layers took for some other endpoint: it is no inference route. (http.client sends the
+    path as written; httpx would normalise it first.)"""
+    conn = http.client.HTTPConnection(stack.router.host, stack.router.port, timeout=10)
+    try:
+        body = json.dumps({"model": "gpt-4o", "messages": MESSAGES})
+        conn.request("POST", path, body, {"api-key": stack.token, "content-type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 404
+        assert json.loads(resp.read())["error"]["code"] == "not_found"
+    finally:
+        conn.close()
+    assert stack.fake.requests == []
+
+
+CAPPED = """\
+apiVersion: kars.azure.com/v1alpha1
+kind: InferencePolicy
+metadata: {name: capped, namespace: team-a}
+spec:
+  appliesTo: {action: "*"}
+  tokenBudget: {perRequestTokens: 100}
+"""
+
+
+@pytest.mark.parametrize("path", ["/openai/v1/Chat/Completions", "/openai/deployments/gpt-4o/CHAT/completions"])
+def test_an_endpoint_in_another_case_is_still_budgeted(
+    make_settings: Callable[..., Any], tmp_path: Path, policy_dir: Path, path: str
+) -> None:
+    """Routing that ignores case (ASP.NET's) would serve it as chat completions: so is it budgeted."""
+    (policy_dir / "budget.yaml").write_text(CAPPED)
+    with foundry_stack(make_settings, tmp_path) as s:
+        body = {"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 5000}
+        r = httpx.post(f"{s.router.url}{path}?api-version=2024-10-21", json=body, headers={"api-key": s.token})
+        assert (r.status_code, r.json()["error"]["code"]) == (429, "per_request_tokens_exceeded")
+        assert s.fake.requests == []
