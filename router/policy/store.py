@@ -125,12 +125,15 @@ class PolicyStore:
         for key in errors:
             if key in previous:
                 entries[key] = previous[key]
-        # A file that could not be parsed keeps everything it held before.
+        # A file that could not be parsed keeps everything it held before; a directory that could
+        # not be listed (gone, unreadable) keeps everything: it says nothing about what changed.
         broken_files = {fe.file: fe.message for fe in result.file_errors}
+        unlisted = str(self.directory) if str(self.directory) in broken_files else None
         for key, kept in previous.items():
-            if kept.source.file in broken_files and key not in entries:
+            broken = unlisted or (kept.source.file if kept.source.file in broken_files else None)
+            if broken is not None and key not in entries:
                 entries[key] = kept
-                errors[key] = f"{kept.source.file}: {broken_files[kept.source.file]}"
+                errors[key] = f"{broken}: {broken_files[broken]}"
 
         unchanged = {k: e.digest for k, e in entries.items()} == {k: e.digest for k, e in previous.items()}
         if unchanged and self.loaded:

@@ -107,3 +107,20 @@ def test_reloads_are_counted(router_server: Callable[..., Any], policy_dir: Path
     metrics = httpx.get(f"{srv.url}/metrics").text
     assert 'kars_policy_reloads_total{result="ok"} 1.0' in metrics
     assert 'kars_policy_reloads_total{result="error"}' in metrics
+
+
+def test_an_unreadable_directory_keeps_every_policy(router_server: Callable[..., Any], policy_dir: Path) -> None:
+    """The directory gone (a volume remounted, a permission changed) says nothing about what the
+    policies are now: all of them stay in force, each saying why they were not reloaded."""
+    (policy_dir / "budget.yaml").write_text(POLICY.format(daily=100))
+    srv = router_server()
+    generation = status(srv)["generation"]
+    moved = policy_dir.with_name("policy-moved")
+    policy_dir.rename(moved)
+    kept = waiting.until(lambda: (e := entry(srv, "budget"))["lastError"] and e, what="lastError")
+    assert f"{policy_dir}: " in kept["lastError"] and kept["digest"] is not None
+    assert daily_limit(srv) == 100
+    assert status(srv)["generation"] == generation  # nothing changed for the layers that enforce it
+    moved.rename(policy_dir)
+    waiting.until(lambda: entry(srv, "budget")["lastError"] is None, what="the directory back")
+    assert daily_limit(srv) == 100
