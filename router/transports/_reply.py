@@ -144,6 +144,9 @@ async def _relay_json(
         headers.append((b"content-length", str(len(data)).encode()))
         st = scope["state"]
         st[_asgi.REPLY_JSON] = (data, doc)  # the content-safety guard reads this body: no second parse
+        if found is not None:
+            # Before the send: a reply the guard blocks there was still generated, and is charged.
+            st[_asgi.USAGE] = found
         await send({"type": "http.response.start", "status": reply.status, "headers": headers})
         st[_asgi.UPSTREAM_OUTPUT] = True
         await send({"type": "http.response.body", "body": data})

@@ -201,12 +201,11 @@ class FoundryTransport:
                         reply.close()
                     continue
             try:
-                found = await _reply.relay(
-                    scope, send, reply, link, strip_usage_chunk=strip, on_error=self._count_error
-                )
+                await _reply.relay(scope, send, reply, link, strip_usage_chunk=strip, on_error=self._count_error)
             finally:
                 reply.close()
-            self._account(scope, deployment, found)
+                # Also when the relay raised: a reply blocked by the safety layer was generated.
+                self._account(scope, deployment, scope["state"].get(_asgi.USAGE))
             return
 
     def _count_error(self, code: str) -> None:

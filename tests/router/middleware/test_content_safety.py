@@ -294,6 +294,29 @@ def test_non_streamed_output_blocked_by_the_local_floor(make_settings: MS, tmp_p
         assert len(s.fake.requests) == 1  # the prompt passed; the output did not
 
 
+@pytest.mark.parametrize("deployment", ["gpt-4o", "flag-prompt-violence-high"])
+def test_a_reply_blocked_after_generation_is_charged_its_usage(
+    make_settings: MS, tmp_path: Path, policy_dir: Path, deployment: str
+) -> None:
+    """The upstream generated it and reported its usage: that is what the budget is charged (SPEC.md
+    §3 settles to actual usage), not the whole reservation; the tokens are counted as any others.
+    Blocked by the local floor (the output) or by Foundry's prompt annotation (a whole reply)."""
+    budget = {"appliesTo": {"action": "*"}, "tokenBudget": {"dailyTokens": 100_000}}
+    doc = {"apiVersion": "kars.azure.com/v1alpha1", "kind": "InferencePolicy"}
+    doc |= {"metadata": {"name": "budget", "namespace": "team-a"}, "spec": budget}
+    (policy_dir / "budget.yaml").write_text(yaml.safe_dump(doc))
+    blocklists = [{"name": "b", "regexes": [r"fake\s+up"]}]
+    with safety_stack(make_settings, tmp_path, safety={"localFloor": {"blocklists": blocklists}}) as s:
+        r = chat(s, "hi", deployment=deployment, max_tokens=500)
+        assert r.status_code == (200 if deployment == "gpt-4o" else 400), r.text
+        fields = s.log_fields()
+        assert fields["safety"] == "blocked"
+        assert fields["budgetReservedTokens"] > 500  # the prompt estimate and the 500 asked for
+        assert fields["budgetChargedTokens"] == 15  # what the upstream reported
+        assert (fields["promptTokens"], fields["completionTokens"], fields["deployment"]) == (9, 6, deployment)
+        assert s.metric("kars_tokens_total", {"direction": "completion", "deployment": deployment}) == 6
+
+
 def test_filtered_output_reaches_the_sdk_as_azure_sends_it(make_settings: MS, tmp_path: Path) -> None:
     blocklists = [{"name": "b", "regexes": [r"fake\s+up"]}]
     with safety_stack(make_settings, tmp_path, safety={"localFloor": {"blocklists": blocklists}}) as s:
