@@ -178,6 +178,22 @@ def test_denied_and_rate_limited_tools(start: Callable[..., Any]) -> None:
     assert "result" in sse_messages(call(router, session, "bearer", {}))[0]
 
 
+def test_a_wildcard_rate_limit_is_one_bucket_whatever_tool_is_named(start: Callable[..., Any]) -> None:
+    """SPEC §3: a ToolPolicy's rateLimit limits the calls it admits. Under ``tool: "*"`` a made-up
+    tool name is limited with the rest (a fresh bucket per name would let a caller reset its limit)."""
+    router = start(
+        ms.tool_policy_doc(
+            "all-tools", "appliesTo: {mcpServer: tools, tool: '*'}\ndecision: allow\nrateLimit: {rps: 0.01, burst: 1}\n"
+        )
+    )
+    session = initialize(router)
+    assert "result" in sse_messages(call(router, session, "echo", {"text": "first"}))[0]
+    for i, tool in enumerate(["echo", "made-up-1", "made-up-2", "secret"]):
+        (limited,) = sse_messages(call(router, session, tool, {}, rid=20 + i))
+        assert limited["error"]["code"] == -32005, limited
+        assert limited["error"]["data"]["retryAfterMs"] == 100_000
+
+
 def test_allowed_tools_empty_means_none(start: Callable[..., Any], upstream: Any, policy_dir: Path) -> None:
     router = start()
     ms.write_policy(policy_dir, ms.mcp_server_doc("tools", upstream[1], "streamable-http", "allowedTools: []\n"))

@@ -8,6 +8,7 @@ import pytest
 
 from router.policy import model
 from router.transports.mcp import admission, policy
+from tests.support import waiting
 
 
 def server(**spec: Any) -> model.McpServer:
@@ -88,7 +89,36 @@ def test_origin_patterns(origin: str, allowed: bool) -> None:
 async def test_rate_limit_bucket_gives_a_retry_hint() -> None:
     limiters = policy.Limiters()
     limit = model.RateLimit(rps=2.0, burst=2)
-    assert await limiters.try_acquire("p", "echo", "team-a/a", limit) is None
-    assert await limiters.try_acquire("p", "echo", "team-a/a", limit) is None
-    assert await limiters.try_acquire("p", "echo", "team-a/a", limit) == 0.5
-    assert await limiters.try_acquire("p", "echo", "team-a/b", limit) is None  # per caller
+    assert await limiters.try_acquire("p", "team-a/a", limit) is None
+    assert await limiters.try_acquire("p", "team-a/a", limit) is None
+    assert await limiters.try_acquire("p", "team-a/a", limit) == 0.5
+    assert await limiters.try_acquire("p", "team-a/b", limit) is None  # per caller
+
+
+async def test_no_caller_can_reset_a_rate_limit_by_filling_the_table() -> None:
+    """Many other callers (here more than the table holds) leave a limited caller limited; the
+    table stays bounded, and a newcomer waits while every bucket is still refilling."""
+    limiters = policy.Limiters(max_buckets=4)
+    slow = model.RateLimit(rps=0.01, burst=1)  # one call per 100 s
+    assert await limiters.try_acquire("p", "team-a/victim", slow) is None
+    assert await limiters.try_acquire("p", "team-a/victim", slow) == 100.0
+    refused = [await limiters.try_acquire("p", f"team-a/other-{i}", slow) for i in range(10)]
+    assert refused[:3] == [None] * 3 and refused[3:] == [100.0] * 7  # no room: nobody's bucket dropped
+    assert len(limiters) == 4
+    assert await limiters.try_acquire("p", "team-a/victim", slow) == 100.0
+
+
+async def test_full_buckets_make_room_for_new_callers() -> None:
+    limiters = policy.Limiters(max_buckets=2)
+    fast = model.RateLimit(rps=100.0, burst=1)  # full again 10 ms after a call
+    slow = model.RateLimit(rps=0.01, burst=1)
+    assert await limiters.try_acquire("p", "team-a/a", fast) is None
+    assert await limiters.try_acquire("q", "team-a/victim", slow) is None
+
+    async def admitted() -> bool:
+        return await limiters.try_acquire("p", "team-a/b", fast) is None
+
+    # team-a/a's bucket refills; then it is dropped (it behaves as a new one would) for team-a/b.
+    await waiting.until_async(admitted, what="a full bucket to make room")
+    assert len(limiters) == 2
+    assert await limiters.try_acquire("q", "team-a/victim", slow) == 100.0  # still limited

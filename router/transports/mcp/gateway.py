@@ -207,7 +207,7 @@ class Gateway:
             self._audit(session, tool, "deny", decision.policy, started, "denied", params)
             return False
         if decision.rate_limit is not None:
-            retry_s = await self.limiters.try_acquire(decision.policy, tool, session.principal, decision.rate_limit)
+            retry_s = await self.limiters.try_acquire(decision.policy, session.principal, decision.rate_limit)
             if retry_s is not None:
                 retry_ms = max(1, round(retry_s * 1000))
                 target.push(

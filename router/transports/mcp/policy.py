@@ -11,12 +11,14 @@ the caller's sandbox labels; it answers ``decide(tool)`` with a ``Decision`` and
    specific ones, ``deny`` wins. No matching policy: allowed.
 
 Rate limits (``rateLimit: {rps, burst}`` of the deciding allow policy) are token buckets
-(aiolimiter) kept per (policy, tool, caller) by the ``Limiters`` registry the gateway owns.
+(aiolimiter) kept per (policy, caller) by the ``Limiters`` registry the gateway owns.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import itertools
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,7 +26,8 @@ from aiolimiter import AsyncLimiter
 
 from router.policy import model
 
-MAX_LIMITERS = 65_536  # bound on buckets kept, so a stream of tool names cannot grow memory
+MAX_LIMITERS = 65_536  # bound on buckets kept: (policy, caller) pairs, each policy naming its limit
+EVICT_SCAN = 16  # buckets looked at, least recently used first, when the table is full
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -39,23 +42,51 @@ def labels_match(selector: Mapping[str, str] | None, labels: Mapping[str, str]) 
 
 
 class Limiters:
-    """Token buckets per (policy, tool, caller); rebuilt when a policy's limit changes."""
+    """Token buckets per (policy, caller); rebuilt when a policy's limit changes.
 
-    def __init__(self) -> None:
-        self._buckets: dict[tuple[str, str, str, float, int], AsyncLimiter] = {}
+    SPEC.md §3 puts ``rateLimit`` on the ToolPolicy, beside ``appliesTo``: it limits the calls
+    that policy admits, whichever tool they name. A policy naming one tool limits that tool; one
+    with ``tool: "*"`` limits the caller's calls to the server, all tools together (keyed by
+    tool, a caller would get a fresh bucket for every tool name it makes up).
 
-    async def try_acquire(self, policy: str, tool: str, caller: str, limit: model.RateLimit) -> float | None:
+    Memory is bounded by ``max_buckets``. Only a full bucket is ever dropped: a full bucket
+    behaves exactly like a fresh one, so dropping it changes no caller's limit. When every
+    bucket looked at is still refilling, a new (policy, caller) pair waits (the call is refused
+    with a retry hint) rather than anyone else's bucket being reset.
+    """
+
+    def __init__(self, max_buckets: int = MAX_LIMITERS) -> None:
+        self._max_buckets = max_buckets
+        # Least recently used first: those are the buckets most likely to be full again.
+        self._buckets: collections.OrderedDict[tuple[str, str, float, int], AsyncLimiter] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    async def try_acquire(self, policy: str, caller: str, limit: model.RateLimit) -> float | None:
         """None when the call may go now; else seconds until a token is free (the retry hint)."""
-        key = (policy, tool, caller, limit.rps, limit.burst)
+        key = (policy, caller, limit.rps, limit.burst)
         bucket = self._buckets.get(key)
         if bucket is None:
-            if len(self._buckets) >= MAX_LIMITERS:
-                self._buckets.clear()
+            if len(self._buckets) >= self._max_buckets and not self._evict_full():
+                return 1.0 / limit.rps
             bucket = self._buckets[key] = AsyncLimiter(limit.burst, limit.burst / limit.rps)
+        else:
+            self._buckets.move_to_end(key)
         if not bucket.has_capacity():
             return 1.0 / limit.rps
         await bucket.acquire()  # has capacity: returns at once, never queues behind others
         return None
+
+    def _evict_full(self) -> bool:
+        """Drop full buckets among the least recently used few; whether there is room now."""
+        for key in list(itertools.islice(self._buckets, EVICT_SCAN)):
+            bucket = self._buckets[key]
+            if bucket.has_capacity(bucket.max_rate):  # full: indistinguishable from a new one
+                del self._buckets[key]
+            else:
+                self._buckets.move_to_end(key)  # still refilling: look at others next time
+        return len(self._buckets) < self._max_buckets
 
 
 class Gate:
