@@ -319,13 +319,14 @@ class Metrics:
         # MCP gateway (router/transports/mcp).
         self.mcp_tool_calls = Counter(
             "kars_mcp_tool_calls",
-            "MCP tools/call requests, by server (ns/name), tool, decision (allow, deny, rate_limited) and outcome.",
+            "MCP tools/call requests, by server (ns/name), tool, decision (allow, deny, rate_limited) and outcome; "
+            'tool is "other" unless the upstream listed it in the session or a policy names it.',
             ["server", "tool", "decision", "outcome"],
             registry=r,
         )
         self.mcp_tool_call_latency = Histogram(
             "kars_mcp_tool_call_duration_seconds",
-            "Time from a tools/call reaching the router to its response, by server and tool.",
+            'Time from a tools/call reaching the router to its response, by server and tool (as above, or "other").',
             ["server", "tool"],
             buckets=LATENCY_BUCKETS_S,
             registry=r,

@@ -6,6 +6,7 @@ and status is checked exactly (the SDK client hides them).
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,9 +15,10 @@ from typing import Any
 import httpx
 import httpx_sse
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.router import mcp_support as ms
-from tests.support import servers
+from tests.support import servers, waiting
 
 VERSION = "2025-11-25"
 ACCEPT_BOTH = "application/json, text/event-stream"
@@ -192,6 +194,48 @@ def test_a_wildcard_rate_limit_is_one_bucket_whatever_tool_is_named(start: Calla
         (limited,) = sse_messages(call(router, session, tool, {}, rid=20 + i))
         assert limited["error"]["code"] == -32005, limited
         assert limited["error"]["data"]["retryAfterMs"] == 100_000
+
+
+def tool_call_series(router: Any) -> dict[tuple[str, str, str], float]:
+    """``kars_mcp_tool_calls_total`` from ``/metrics``: (tool, decision, outcome) -> count."""
+    text = httpx.get(f"{router.url}/metrics", timeout=10).text
+    return {
+        (s.labels["tool"], s.labels["decision"], s.labels["outcome"]): s.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "kars_mcp_tool_calls"
+        for s in family.samples
+        if s.name == "kars_mcp_tool_calls_total"
+    }
+
+
+def test_tool_metrics_name_only_known_tools(start: Callable[..., Any]) -> None:
+    """A tool name is a metric label only when the upstream listed it in the session or a policy
+    names it; made-up names, allowed or denied, are one series "other" (the audit log keeps them)."""
+    router = start(ms.tool_policy_doc("no-secret", "appliesTo: {mcpServer: tools, tool: secret}\ndecision: deny\n"))
+    audit = io.StringIO()
+    router.app.state.kars.audit_log.stream = audit  # the audit lines are written here from now on
+    session = initialize(router)
+    for i in range(20):
+        call(router, session, f"made-up-{i}", {}, rid=100 + i)
+    assert sse_messages(call(router, session, "echo", {"text": "x"}, rid=10))[0]["result"]
+    assert sse_messages(call(router, session, "secret", {}, rid=11))[0]["error"]["code"] == -32001
+    listed = httpx.post(
+        f"{router.url}/mcp/tools",
+        json={"jsonrpc": "2.0", "id": 12, "method": "tools/list"},
+        headers=headers(router, **{"mcp-session-id": session, "mcp-protocol-version": VERSION}),
+        timeout=10,
+    )
+    assert "echo" in [t["name"] for t in sse_messages(listed)[0]["result"]["tools"]]
+    assert sse_messages(call(router, session, "echo", {"text": "y"}, rid=13))[0]["result"]
+
+    series = tool_call_series(router)
+    assert {tool for tool, _, _ in series} == {"other", "secret", "echo"}
+    assert sum(n for (tool, _, _), n in series.items() if tool == "other") == 21  # echo before tools/list
+    assert series[("secret", "deny", "denied")] == 1  # named by the policy, never listed (denied)
+    assert series[("echo", "allow", "ok")] == 1
+    waiting.until(lambda: audit.getvalue().count("\n") >= 23, what="the audit records")  # buffered
+    logged = [json.loads(line)["tool"] for line in audit.getvalue().splitlines()]
+    assert logged[:20] == [f"made-up-{i}" for i in range(20)]
 
 
 def test_allowed_tools_empty_means_none(start: Callable[..., Any], upstream: Any, policy_dir: Path) -> None:

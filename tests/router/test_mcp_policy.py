@@ -61,6 +61,12 @@ def test_policies_apply_only_to_matching_sandbox_labels() -> None:
     assert policy.Gate(server(), (deny_gold,), {"tier": "free"}).decide("echo").allowed
 
 
+def test_a_gate_names_the_tools_its_policies_name() -> None:
+    gate = policy.Gate(server(allowedTools=["echo", "count"]), (tool_policy("no-x", "x", "deny"),), {})
+    assert [t for t in ("echo", "count", "x", "y", "*") if gate.names(t)] == ["echo", "count", "x"]
+    assert not policy.Gate(server(allowedTools=["*"]), (tool_policy("all", "*", "allow"),), {}).names("*")
+
+
 def test_tools_list_filtering_keeps_the_cursor() -> None:
     gate = policy.Gate(server(), (tool_policy("no-x", "x", "deny"),), {})
     result = {"tools": [{"name": "x"}, {"name": "y"}], "nextCursor": "abc"}

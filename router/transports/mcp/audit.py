@@ -15,6 +15,7 @@ from router.observability import logs
 from router.observability import metrics as metrics_mod
 
 LOGGER = "kars.audit"
+OTHER_TOOL = "other"  # the metrics' tool label for a name neither the upstream listed nor policy names
 
 
 class Auditor:
@@ -29,17 +30,22 @@ class Auditor:
         principal: str,
         server: str,
         tool: str,
+        tool_label: str,
         decision: str,
         policy: str,
         started: float,
         outcome: str,
         params: Any,
     ) -> None:
-        """``decision``: allow | deny | rate_limited; ``started``: ``time.perf_counter()`` at arrival."""
+        """``decision``: allow | deny | rate_limited; ``started``: ``time.perf_counter()`` at arrival.
+
+        ``tool`` is the name as the client sent it (the record keeps it); ``tool_label`` is what the
+        metrics carry: that name if it is known, else ``OTHER_TOOL`` (bounded label values).
+        """
         latency_s = time.perf_counter() - started
-        self._metrics.mcp_tool_calls.labels(server, tool, decision, outcome).inc()
+        self._metrics.mcp_tool_calls.labels(server, tool_label, decision, outcome).inc()
         if decision == "allow":
-            self._metrics.mcp_tool_call_latency.labels(server, tool).observe(latency_s)
+            self._metrics.mcp_tool_call_latency.labels(server, tool_label).observe(latency_s)
         arguments = params.get("arguments") if isinstance(params, dict) else None
         record: dict[str, Any] = {
             "event": "mcp.tools_call",

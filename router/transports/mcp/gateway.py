@@ -278,6 +278,7 @@ class Gateway:
             if rid in session.lists:
                 session.lists.discard(rid)
                 if "result" in item:
+                    session.note_tools(item["result"])
                     item["result"] = session.gate.filter_tools(item["result"])
                     text = None
             elif rid in session.initialize_ids:
@@ -313,10 +314,14 @@ class Gateway:
         outcome: str,
         params: Any,
     ) -> None:
+        # The metric's tool label is a name the client chose: only a known one is kept (listed by
+        # the upstream in this session, or named by policy), so made-up names add no series.
+        known = tool in session.listed_tools or session.gate.names(tool)
         self._auditor.tool_call(
             principal=session.principal,
             server=f"{session.server[0]}/{session.server[1]}",
             tool=tool,
+            tool_label=tool if known else audit.OTHER_TOOL,
             decision=decision,
             policy=policy_name,
             started=started,

@@ -120,6 +120,10 @@ class Gate:
         gate._by_tool, gate._wildcard, gate._memo = {}, [], {}
         return gate
 
+    def names(self, tool: str) -> bool:
+        """Whether ``allowedTools`` or a ToolPolicy of this gate names ``tool`` (not by ``"*"``)."""
+        return (tool != "*" and tool in self._allowed_tools) or tool in self._by_tool
+
     def decide(self, tool: str) -> Decision:
         hit = self._memo.get(tool)
         if hit is None:

@@ -24,6 +24,8 @@ from router.transports.mcp import _wire, policy, upstream
 
 ClientKind = Literal["streamable", "sse"]
 
+MAX_LISTED_TOOLS = 1024  # tool names kept per session from the upstream's tools/list
+
 
 class Stream:
     """An append-only, bounded log of SSE events with any number of waiting readers."""
@@ -147,6 +149,7 @@ class Session:
         self.calls: dict[Any, Call] = {}
         self.pending: dict[Any, Stream] = {}  # request id -> the stream its response goes to
         self.lists: set[Any] = set()  # ids of tools/list requests in flight
+        self.listed_tools: set[str] = set()  # names the upstream's tools/list gave (metric labels)
         self.initialize_ids: set[Any] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
         self.inline: set[asyncio.Task[Any]] = set()  # request handlers pumping a request themselves
@@ -155,6 +158,15 @@ class Session:
         self.ended = False
         self.listening = False
         self.initialize_failed = False  # the upstream refused initialize: the session ends once that is sent
+
+    def note_tools(self, result: Any) -> None:
+        """Remember the tool names of an upstream ``tools/list`` result, at most ``MAX_LISTED_TOOLS``."""
+        tools = result.get("tools") if isinstance(result, dict) else None
+        for tool in tools if isinstance(tools, list) else ():
+            if len(self.listed_tools) >= MAX_LISTED_TOOLS:
+                return
+            if isinstance(tool, dict) and isinstance(tool.get("name"), str):
+                self.listed_tools.add(tool["name"])
 
     @property
     def main(self) -> Stream:
