@@ -297,6 +297,15 @@ def test_last_event_id_resumes_a_broken_stream(start: Callable[..., Any]) -> Non
     assert rest[-1]["id"] == 9 and rest[-1]["result"]["content"][0]["text"] == "counted 3"
     unknown = httpx.get(f"{router.url}/mcp/tools", headers={**hdrs, "last-event-id": "99.1"})
     assert unknown.status_code == 404
+    # Not an event id of ours: 400 (a 404 would tell the client its session is gone), no traceback.
+    # b"\xb2" is a superscript two in Latin-1: str.isdigit() holds, int() refuses it.
+    for garbled in (b"\xb2.1", b"0.\xb9", b"x.1", b"1", b"0.1.2", b"1" * 5000 + b".1"):
+        raw = [(k.encode(), v.encode()) for k, v in hdrs.items() if k != "last-event-id"]
+        resp = httpx.get(f"{router.url}/mcp/tools", headers=[*raw, (b"last-event-id", garbled)], timeout=10)
+        assert (resp.status_code, resp.json()["error"]["code"]) == (400, "invalid_request"), (garbled, resp.text)
+    ping = {"jsonrpc": "2.0", "id": 10, "method": "ping"}
+    alive = httpx.post(f"{router.url}/mcp/tools", json=ping, headers=headers(router, **{"mcp-session-id": session}))
+    assert sse_messages(alive) == [{"jsonrpc": "2.0", "id": 10, "result": {}}]
 
 
 def test_second_get_stream_is_a_conflict(start: Callable[..., Any]) -> None:

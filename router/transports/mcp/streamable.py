@@ -8,12 +8,13 @@
 - DELETE: ends the session (and its upstream session).
 
 Status codes follow the spec: 400 (no session id, unsupported ``MCP-Protocol-Version``, not
-JSON-RPC), 403 (Origin), 404 (unknown session or server), 405 (other methods, with ``Allow``),
-406 (``Accept``), 415 (``Content-Type``).
+JSON-RPC, a ``Last-Event-ID`` that is no event id of ours), 403 (Origin), 404 (unknown session
+or server), 405 (other methods, with ``Allow``), 406 (``Accept``), 415 (``Content-Type``).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from starlette.types import Receive, Scope, Send
@@ -22,6 +23,7 @@ from router import _asgi, _body, errors
 from router.transports.mcp import _out, _wire, gateway, sessions
 
 ALLOW = "GET, POST, DELETE"
+EVENT_ID = re.compile(rb"([0-9]{1,18})\.([0-9]{1,18})")  # "<stream>.<seq>" (sessions.Stream), ASCII digits
 
 
 class NotAcceptable(errors.InvalidRequest):
@@ -142,11 +144,15 @@ class StreamableEndpoint:
         stream, after = session.main, session.main.delivered
         last = _asgi.header(scope, _wire.LAST_EVENT_ID)
         if last is not None:
-            number, _, seq = last.decode("latin-1").partition(".")
-            found = session.streams.get(int(number)) if number.isdigit() else None
-            if found is None or not seq.isdigit():
+            # Not one of our ids is bad input (400), not a lost session: a 404 with Mcp-Session-Id
+            # tells the client its session is gone (MCP, "Session Management").
+            parsed = EVENT_ID.fullmatch(last)
+            if parsed is None:
+                raise errors.InvalidRequest("Last-Event-ID must be an event id of this server: <stream>.<seq>")
+            found = session.streams.get(int(parsed[1]))
+            if found is None:
                 raise errors.NotFound("Last-Event-ID names no stream of this session")
-            stream, after = found, int(seq)
+            stream, after = found, int(parsed[2])
         if stream.attached and last is None:
             raise errors.Conflict("this session already has a GET stream open")
         await _out.serve(
