@@ -5,10 +5,11 @@
 - the prompt, estimated from the JSON body without a tokenizer: every string costs
   ``chars / 4`` plus half a token per extra UTF-8 byte (so CJK text, ~1 token per character in
   real tokenizers, is estimated at 1.25 per character rather than the 0.25 a plain ``chars / 4``
-  would give); every number costs 1 (token-id arrays of embeddings); a ``data:`` URL (an inline
-  image) costs ``DATA_URL_TOKENS``; plus ``PROMPT_OVERHEAD_TOKENS``. Keys are not counted. This is
-  an estimate: the settle afterwards is exact, and prompts held upstream (``previous_response_id``)
-  are invisible here. A tokenizer (tiktoken) would cost milliseconds per request on the hot path.
+  would give), plus one (its last, partial token); every number costs 1 (token-id arrays of
+  embeddings); a ``data:`` URL (an inline image) costs ``DATA_URL_TOKENS``; plus
+  ``PROMPT_OVERHEAD_TOKENS``. Keys are not counted. This is an estimate: the settle afterwards is
+  exact, and prompts held upstream (``previous_response_id``) are invisible here. A tokenizer
+  (tiktoken) would cost milliseconds per request on the hot path.
 - plus the output: the largest of ``max_completion_tokens``/``max_tokens``/``max_output_tokens``
   times the number of choices (``n``, ``best_of``); embeddings have no output. When the request
   names no maximum, the worst case is the smallest ``perRequestTokens`` of the policies that
@@ -49,8 +50,14 @@ MAX_COMPLETION_TOKENS_SINCE = "2024-09-01"  # Azure OpenAI API versions before i
 CLUSTER_KEY = "*"
 
 
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+def _count(value: Any) -> int | None:
+    """``value`` as a count: a non-negative integer, also written as a float with no fraction
+    (``100.0``, or ``1e30``, which is how the JSON parser reads an integer past 64 bits)."""
+    if type(value) is int:
+        return value if value >= 0 else None
+    if type(value) is float and value >= 0 and value.is_integer():
+        return int(value)
+    return None
 
 
 def estimate_prompt_tokens(body: Any) -> int:
@@ -80,7 +87,9 @@ def estimate_prompt_tokens(body: Any) -> int:
     chars = len(text)
     extra_bytes = 0 if text.isascii() else len(text.encode("utf-8", "surrogatepass")) - chars
     estimate = chars / ASCII_CHARS_PER_TOKEN + extra_bytes * TOKENS_PER_EXTRA_UTF8_BYTE
-    return math.ceil(estimate + numbers + images * DATA_URL_TOKENS) + PROMPT_OVERHEAD_TOKENS
+    # + one a string: no tokenizer merges across two JSON strings, so each ends a token of its own
+    # (2,048 one-letter embedding inputs are 2,048 tokens, not 512).
+    return math.ceil(estimate + numbers + len(texts) + images * DATA_URL_TOKENS) + PROMPT_OVERHEAD_TOKENS
 
 
 def requested_output(body: Any) -> int | None:
@@ -90,8 +99,8 @@ def requested_output(body: Any) -> int | None:
     most: int | None = None
     for field in MAX_OUTPUT_FIELDS:
         value = body.get(field)
-        if value is not None and _is_count(value) and (most is None or value > most):
-            most = value
+        if value is not None and (count := _count(value)) is not None and (most is None or count > most):
+            most = count
     if most is None:
         return None
     return most * _choices(body)
@@ -101,8 +110,8 @@ def _choices(body: dict[str, Any]) -> int:
     choices = 1
     for field in CHOICE_FIELDS:
         value = body.get(field)
-        if value is not None and _is_count(value) and value > choices:
-            choices = value
+        if value is not None and (count := _count(value)) is not None and count > choices:
+            choices = count
     return choices
 
 
@@ -123,6 +132,8 @@ def output_bound(route: inference.InferenceRoute, query: bytes, body: Any, worst
     """The output maximum to add to a request that names none: ``(field, tokens a choice)``, or None."""
     if not worst.unbounded or not isinstance(body, dict):
         return None
+    if any(body.get(named) is not None for named in MAX_OUTPUT_FIELDS):
+        return None  # the caller named a maximum that is no count: the upstream refuses it, not a second field
     field = _output_field(route, query)
     if field is None:
         return None

@@ -26,25 +26,31 @@ def policy(name: str = "p", namespace: str = "team-a", **budget: Any) -> model.I
 
 def test_ascii_is_four_characters_a_token() -> None:
     body = {"messages": [{"role": "user", "content": "x" * 400}]}
-    assert budgets.estimate_prompt_tokens(body) == 100 + 1 + OVERHEAD  # "user" is one more
+    assert budgets.estimate_prompt_tokens(body) == 100 + 1 + 2 + OVERHEAD  # "user" is one more; one a string
+
+
+def test_every_string_is_at_least_a_token() -> None:
+    """2,048 one-letter embedding inputs are 2,048 tokens upstream: chars / 4 alone said 512."""
+    assert budgets.estimate_prompt_tokens({"input": ["a"] * 2048}) >= 2048
 
 
 def test_non_ascii_text_is_estimated_higher_than_chars_over_four() -> None:
     cjk = "漢" * 100  # real tokenizers spend about one token per CJK character
-    assert budgets.estimate_prompt_tokens(cjk) == 25 + 100 + OVERHEAD
-    assert budgets.estimate_prompt_tokens("é" * 100) == 25 + 50 + OVERHEAD
+    assert budgets.estimate_prompt_tokens(cjk) == 25 + 100 + 1 + OVERHEAD
+    assert budgets.estimate_prompt_tokens("é" * 100) == 25 + 50 + 1 + OVERHEAD
     assert budgets.estimate_prompt_tokens("\ud800") >= OVERHEAD  # a lone surrogate does not crash
 
 
 def test_numbers_token_arrays_and_inline_images() -> None:
     assert budgets.estimate_prompt_tokens({"input": [[1, 2, 3], [4, 5]]}) == 5 + OVERHEAD
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 100_000}}
-    assert budgets.estimate_prompt_tokens(image) == budgets.DATA_URL_TOKENS + 3 + OVERHEAD  # "image_url" is 2.25
+    # "image_url" is 2.25, and each of the two strings is one more
+    assert budgets.estimate_prompt_tokens(image) == budgets.DATA_URL_TOKENS + 3 + 2 + OVERHEAD
     assert budgets.estimate_prompt_tokens({"flag": True, "nothing": None}) == OVERHEAD
     deep: Any = "end"
     for _ in range(10_000):
         deep = [deep]
-    assert budgets.estimate_prompt_tokens(deep) == 1 + OVERHEAD  # no recursion limit
+    assert budgets.estimate_prompt_tokens(deep) == 1 + 1 + OVERHEAD  # no recursion limit
 
 
 @pytest.mark.parametrize(
@@ -59,6 +65,10 @@ def test_numbers_token_arrays_and_inline_images() -> None:
         ({"max_tokens": True}, None),
         ({"max_tokens": -1}, None),
         ({"max_tokens": "100"}, None),
+        ({"max_tokens": 100.0, "n": 2.0}, 200),  # JSON Schema's integers: what the upstream accepts
+        ({"max_tokens": 1e30}, int(1e30)),  # an integer past 64 bits, as the JSON parser reads it
+        ({"max_tokens": 1.5}, None),
+        ({"max_tokens": float("inf")}, None),
         ({"max_tokens": 10, "n": "many"}, 10),
         ({}, None),
         ([], None),
@@ -116,6 +126,15 @@ def route(path: str) -> inference.InferenceRoute:
 def test_output_bound(path: str, query: bytes, body: Any, expected: tuple[str, int] | None) -> None:
     worst = budgets.WorstCase(prompt=100, tokens=1_000, unbounded=True)
     assert budgets.output_bound(route(path), query, body, worst) == expected
+
+
+@pytest.mark.parametrize("body", [{"max_tokens": 1.5}, {"max_tokens": "100"}, {"max_output_tokens": -1}])
+def test_no_second_maximum_beside_one_that_is_no_count(body: dict[str, Any]) -> None:
+    """A maximum the router cannot read is the upstream's to refuse: adding another field beside it
+    would make even a valid-looking request carry two (which OpenAI refuses as exclusive)."""
+    worst = budgets.worst_case("chat", body, [policy(perRequestTokens=900, dailyTokens=1000)])
+    assert worst.unbounded and worst.tokens == 900  # reserved as if unbounded: the cap
+    assert budgets.output_bound(route("/openai/v1/chat/completions"), b"", body, worst) is None
 
 
 @pytest.mark.parametrize("body", [{"max_tokens": 5}, {"max_completion_tokens": 5}, {"max_output_tokens": 5}])
