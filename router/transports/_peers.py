@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from typing import Any, Protocol
+from collections.abc import Iterable
+from typing import Protocol
 
 import websockets
 from starlette.types import Receive, Send
@@ -89,11 +90,27 @@ class RelayPeer:
         await self._conn.close(code, reason)
 
 
-async def pump(source: Peer, sink: Peer, metrics: metrics_mod.Metrics, first: asyncio.Task[Any] | None = None) -> None:
-    """Relay ``source`` -> ``sink`` one message at a time until ``source`` closes; pass its close on."""
+async def pump(
+    source: Peer,
+    sink: Peer,
+    metrics: metrics_mod.Metrics,
+    *,
+    held: Iterable[str | bytes] = (),
+    reading: asyncio.Task[str | bytes | Closed] | None = None,
+) -> None:
+    """Relay ``source`` -> ``sink`` one message at a time until ``source`` closes; pass its close on.
+
+    ``held`` are frames read from ``source`` before the bridge stood, ``reading`` a read of it
+    already under way: both are delivered first, in that order.
+    """
+    queued = iter(held)
     while True:
-        item = await first if first is not None else await source.recv()
-        first = None
+        item: str | bytes | Closed | None = next(queued, None)
+        if item is None:
+            if reading is not None:
+                item, reading = await reading, None
+            else:
+                item = await source.recv()
         if isinstance(item, Closed):
             await sink.close(_UNSENDABLE.get(item.code, item.code), item.reason)
             return

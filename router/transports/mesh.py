@@ -1,10 +1,12 @@
 """Mesh: the agent-to-agent WebSocket bridge of SPEC.md §6.
 
 A bridge is a pair of connections: X at ``/mesh/Y`` and Y at ``/mesh/X``. The first to arrive is
-accepted and waits up to ``mesh.pairTimeoutS`` for its counterpart (then closes with 1001). Once
-paired, each side's frames are handed to the other as opaque payloads that keep their type;
-nothing is parsed or logged. With ``mesh.relayUrl`` set, a caller whose counterpart is not
-waiting here is bridged to the relay instead (dialled with ``X-Kars-From``/``X-Kars-To``).
+accepted and waits up to ``mesh.pairTimeoutS`` for its counterpart (then closes with 1001); what
+it sends meanwhile is held (a bounded amount) and delivered first. A waiter that leaves frees its
+place at once and is never paired with. Once paired, each side's frames are handed to the other
+as opaque payloads that keep their type; nothing is parsed or logged. With ``mesh.relayUrl`` set,
+a caller whose counterpart is not waiting here is bridged to the relay instead (dialled with
+``X-Kars-From``/``X-Kars-To``).
 
 Refusals happen before the upgrade (HTTP answers): a second connection for the same (X, Y) is
 409, an unreachable relay 502; admission (403) is the TrustGraph layer's. Backpressure: a pump
@@ -43,6 +45,10 @@ CLOSE_POLICY = 1008
 RELAY_OPEN_TIMEOUT_S = 5.0
 RELAY_MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # the same cap uvicorn puts on the caller's side
 RELAY_MAX_QUEUE = 4  # frames the relay client may hold before it stops reading its socket
+# What the router holds for a caller still waiting for its counterpart (frame lengths: bytes, or
+# characters of text); past either bound it stops reading that caller until it is paired.
+WAIT_HELD_FRAMES = 32
+WAIT_HELD_LEN = 1024 * 1024
 
 PairKey = tuple[str, str]  # (caller, peer)
 
@@ -114,19 +120,26 @@ class MeshHub:
         try:
             if await receive() != {"type": "websocket.connect"}:
                 return
-            counterpart = self._waiting.pop((peer, caller), None)
-            if counterpart is not None and not counterpart.paired.done():
-                await self._join(key, counterpart, receive, send)
-            elif self._relay_url is not None:
-                await self._relay(key, receive, send)
+            if (peer, caller) in self._waiting or self._relay_url is None:
+                await self._meet(key, receive, send)
             else:
-                await self._wait(key, receive, send)
+                await self._relay(key, receive, send)
         finally:
             self._claimed.discard(key)
 
-    async def _join(self, key: PairKey, counterpart: _Waiter, receive: Receive, send: Send) -> None:
+    async def _meet(self, key: PairKey, receive: Receive, send: Send) -> None:
+        """Accept, then join the counterpart if it is still waiting here, else wait for it."""
         await send({"type": "websocket.accept"})
         me = _peers.AsgiPeer(receive, send)
+        # Looked up after the accept, with no await until it is paired: a waiter that left
+        # meanwhile is gone from ``_waiting`` and is never paired with.
+        counterpart = self._waiting.pop((key[1], key[0]), None)
+        if counterpart is not None and not counterpart.paired.done():
+            await self._join(key, me, counterpart)
+        else:
+            await self._wait(key, me)
+
+    async def _join(self, key: PairKey, me: _peers.AsgiPeer, counterpart: _Waiter) -> None:
         bridge = Bridge(edges=(key, (key[1], key[0])), sides=(me, counterpart.peer))
         for edge in bridge.edges:
             self._bridges[edge] = bridge
@@ -139,43 +152,50 @@ class MeshHub:
         finally:
             self._pump_done(bridge)
 
-    async def _wait(self, key: PairKey, receive: Receive, send: Send) -> None:
-        await send({"type": "websocket.accept"})
-        me = _peers.AsgiPeer(receive, send)
+    async def _wait(self, key: PairKey, me: _peers.AsgiPeer) -> None:
         loop = asyncio.get_running_loop()
         waiter = _Waiter(me, loop.create_future())
         self._waiting[key] = waiter
-        # Read one message while waiting, to notice a caller that leaves; if it is data it is
-        # held (one message, no further reads: backpressure) and delivered first once paired.
-        first: asyncio.Task[str | bytes | _peers.Closed] = asyncio.ensure_future(me.recv())
-        watch: set[asyncio.Future[Any]] = {first, waiter.paired}
+        # Keep reading while waiting: a caller that leaves is noticed only by its disconnect, which
+        # comes after the frames it sent. Those are held, up to a bound, and delivered first once
+        # paired. Past the bound reading stops (backpressure), and a caller that then leaves is
+        # noticed only when it is paired or times out.
+        held: list[str | bytes] = []
+        held_len = 0
+        reading: asyncio.Task[str | bytes | _peers.Closed] | None = asyncio.ensure_future(me.recv())
         deadline = loop.time() + self._pair_timeout_s
         try:
             while not waiter.paired.done():
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
+                watch: set[asyncio.Future[Any]] = {waiter.paired} if reading is None else {reading, waiter.paired}
                 await asyncio.wait(watch, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
-                if first.done() and not waiter.paired.done():
-                    if isinstance(first.result(), _peers.Closed):
-                        return  # the caller left before its counterpart came
-                    watch = {waiter.paired}
+                if reading is not None and reading.done() and not waiter.paired.done():
+                    item = reading.result()
+                    if isinstance(item, _peers.Closed):
+                        return  # the caller left before its counterpart came: its place is free at once
+                    held.append(item)
+                    held_len += len(item)
+                    within = len(held) < WAIT_HELD_FRAMES and held_len < WAIT_HELD_LEN
+                    reading = asyncio.ensure_future(me.recv()) if within else None
         finally:
             if self._waiting.get(key) is waiter:
                 del self._waiting[key]
         if not waiter.paired.done() or waiter.paired.cancelled():
             timed_out = not waiter.paired.done()
             waiter.paired.cancel()
-            first.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await first
+            if reading is not None:
+                reading.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reading
             if timed_out:
                 self._metrics.mesh_bridges.labels("pair_timeout").inc()
                 await me.close(CLOSE_GOING_AWAY, "no counterpart within mesh.pairTimeoutS")
             return  # cancelled: the policy change that dropped the edge is closing it
         other, bridge = waiter.paired.result()
         try:
-            await _peers.pump(me, other, self._metrics, first)
+            await _peers.pump(me, other, self._metrics, held=held, reading=reading)
         finally:
             self._pump_done(bridge)
 

@@ -21,6 +21,7 @@ from websockets.asyncio.server import ServerConnection, serve
 
 from router.app import build_app
 from router.identity import devtokens
+from router.transports import mesh
 from tests.support import servers, trustgraphs, waiting
 
 WAIT_S = 10.0
@@ -127,6 +128,74 @@ async def test_a_message_sent_while_waiting_is_delivered_after_pairing(mesh_rout
     await a.send(b"early")
     b = await dial(mesh_router, "team/b", "team/a")
     assert await asyncio.wait_for(b.recv(), WAIT_S) == b"early"
+    await a.close()
+    await b.close()
+
+
+async def test_messages_sent_while_waiting_arrive_in_order_after_pairing(mesh_router: Any) -> None:
+    a = await dial(mesh_router, "team/a", "team/b")
+    early = [f"early {i}" if i % 2 else f"early {i}".encode() for i in range(mesh.WAIT_HELD_FRAMES + 5)]
+    for frame in early:  # more than the router holds: the rest waits in the socket
+        await a.send(frame)
+    b = await dial(mesh_router, "team/b", "team/a")
+    assert [await asyncio.wait_for(b.recv(), WAIT_S) for _ in early] == early
+    await b.send("and back")
+    assert await asyncio.wait_for(a.recv(), WAIT_S) == "and back"
+    await a.close()
+    await b.close()
+
+
+async def dial_when_free(srv: Any, caller: str, peer: str, timeout_s: float) -> ClientConnection:
+    """Dial until the router stops answering 409 for (caller, peer), for at most ``timeout_s``."""
+
+    async def attempt() -> ClientConnection | None:
+        try:
+            return await dial(srv, caller, peer)
+        except websockets.InvalidStatus as exc:
+            assert exc.response.status_code == 409
+            return None
+
+    return await waiting.until_async(attempt, timeout_s=timeout_s, what=f"{caller} -> {peer} to be free")
+
+
+@pytest.mark.parametrize("leaving", ["close", "abort"])
+async def test_a_waiting_caller_that_sent_a_message_and_left_frees_its_place_at_once(
+    router_server: Callable[..., Any], policy_dir: Path, graph: trustgraphs.Graph, leaving: str
+) -> None:
+    """Only an open connection holds (X, Y) (SPEC.md §6): a caller that left is never paired with."""
+    graph.write(policy_dir)
+    srv = router_server(mesh={"pairTimeoutS": 60})  # the timeout is not what frees the place
+    gone = await dial(srv, "team/a", "team/b")
+    await gone.send("stale")
+    if leaving == "close":
+        await gone.close()
+    else:
+        gone.transport.abort()  # no close frame: the TCP connection just drops
+    a = await dial_when_free(srv, "team/a", "team/b", timeout_s=5)
+    b = await dial(srv, "team/b", "team/a")
+    await a.send("fresh")
+    assert await asyncio.wait_for(b.recv(), WAIT_S) == "fresh"  # not the stale one, and not a close
+    await b.send("and back")
+    assert await asyncio.wait_for(a.recv(), WAIT_S) == "and back"
+    await a.close()
+    await b.close()
+
+
+async def test_a_counterpart_arriving_after_the_waiter_left_waits_for_a_new_one(
+    router_server: Callable[..., Any], policy_dir: Path, graph: trustgraphs.Graph
+) -> None:
+    graph.write(policy_dir)
+    srv = router_server(mesh={"pairTimeoutS": 60})
+    gone = await dial(srv, "team/a", "team/b")
+    await gone.send("stale")
+    gone.transport.abort()
+    hub = srv.app.state.kars.mesh
+    assert ("team/a", "team/b") in hub._claimed
+    await waiting.until_async(lambda: not hub._claimed, timeout_s=5, what="the router to notice the waiter left")
+    b = await dial(srv, "team/b", "team/a")
+    a = await dial(srv, "team/a", "team/b")
+    await a.send("fresh")
+    assert await asyncio.wait_for(b.recv(), WAIT_S) == "fresh"
     await a.close()
     await b.close()
 
