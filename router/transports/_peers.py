@@ -14,15 +14,18 @@ from collections.abc import Iterable
 from typing import Protocol
 
 import websockets
-from starlette.types import Receive, Send
+from starlette.types import Message, Receive, Send
 from websockets.asyncio.client import ClientConnection
 
 from router.observability import metrics as metrics_mod
 
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001  # pair timeout, router shutdown, a peer that vanished (RFC 6455 §7.4.1)
-# Codes that may not be sent in a close frame (RFC 6455 §7.4.1), and what the other side gets instead.
-_UNSENDABLE = {1005: CLOSE_NORMAL, 1006: CLOSE_GOING_AWAY, 1015: CLOSE_GOING_AWAY}
+CLOSE_NO_STATUS = 1005  # a close frame without a status code (RFC 6455 §7.1.5)
+CLOSE_ABNORMAL = 1006  # no close frame at all: the connection was lost (RFC 6455 §7.1.5)
+# Codes that may not be sent in a close frame (RFC 6455 §7.4.1), and what the other side gets
+# instead: a close without a code was still a close (1000); a peer that vanished went away (1001).
+_UNSENDABLE = {CLOSE_NO_STATUS: CLOSE_NORMAL, CLOSE_ABNORMAL: CLOSE_GOING_AWAY, 1015: CLOSE_GOING_AWAY}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -54,7 +57,7 @@ class AsgiPeer:
                 return data if data is not None else message.get("text") or ""
             if kind == "websocket.disconnect":
                 self.closed = True
-                return Closed(int(message.get("code", 1005)), message.get("reason") or "")
+                return _disconnect(message)
 
     async def send(self, data: str | bytes) -> None:
         if self.closed:
@@ -68,6 +71,17 @@ class AsgiPeer:
         self.closed = True
         with contextlib.suppress(OSError, RuntimeError):
             await self._send({"type": "websocket.close", "code": code, "reason": reason})
+
+
+def _disconnect(message: Message) -> Closed:
+    """What ended the caller's connection; a lost connection is 1006, whatever the server said."""
+    code = int(message.get("code", CLOSE_NO_STATUS))
+    # uvicorn's websockets-sansio (its default) and wsproto report a lost connection (TCP gone,
+    # even mid-frame) as 1005 too, the code of a close frame without a status; only the
+    # "reason" key tells them apart: a close frame always brings one, a lost connection none.
+    if code == CLOSE_NO_STATUS and "reason" not in message:
+        code = CLOSE_ABNORMAL
+    return Closed(code, message.get("reason") or "")
 
 
 class RelayPeer:

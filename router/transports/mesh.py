@@ -13,8 +13,9 @@ Refusals happen before the upgrade (HTTP answers): a second connection for the s
 holds one message at a time and awaits the receiving side's ``send`` (which waits while that
 socket's write buffer is full) before it reads the next, so a slow reader slows its writer and
 nothing buffers without bound. Pings are answered per hop by the WebSocket implementations
-(RFC 6455 §5.5.2); close codes travel to the other side. When a new policy snapshot drops the
-edge a bridge stands on, the bridge is closed with 1008 as soon as the snapshot is swapped in.
+(RFC 6455 §5.5.2); close codes travel to the other side, and a side that vanished (no close
+frame) is reported to the other as 1001. When a new policy snapshot drops the edge a bridge
+stands on, the bridge is closed with 1008 as soon as the snapshot is swapped in.
 """
 
 from __future__ import annotations

@@ -209,14 +209,41 @@ async def test_close_code_and_reason_reach_the_other_side(mesh_router: Any) -> N
     assert (info.value.rcvd.code, info.value.rcvd.reason) == (4001, "done here")
 
 
-async def test_peer_vanishing_closes_the_other_side(mesh_router: Any) -> None:
+def masked_frame_start(opcode: int, length: int, sent: bytes) -> bytes:
+    """A client frame (RFC 6455 §5.2) announcing ``length`` payload bytes, of which ``sent`` follow."""
+    mask = os.urandom(4)
+    body = bytes(byte ^ mask[i % 4] for i, byte in enumerate(sent))
+    return bytes([0x80 | opcode, 0x80 | 126]) + length.to_bytes(2, "big") + mask + body
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:The `websockets` implementation is deprecated")
+@pytest.mark.parametrize("implementation", ["websockets-sansio", "websockets"])
+@pytest.mark.parametrize("vanishing", ["between frames", "mid-frame"])
+async def test_peer_vanishing_is_going_away_for_the_other_side(
+    make_settings: Callable[..., Any], policy_dir: Path, graph: trustgraphs.Graph, implementation: str, vanishing: str
+) -> None:
+    """No close frame came: the peer vanished, and the other side is told 1001, not a clean 1000."""
+    graph.write(policy_dir)
+    app = build_app(make_settings())
+    with servers.serve(app, ws=implementation) as srv:
+        srv.app = app  # type: ignore[attr-defined]
+        a, b = await pair(srv, "team/a", "team/b")
+        if vanishing == "mid-frame":
+            a.transport.write(masked_frame_start(0x2, 1000, b"0123456789"))
+        a.transport.abort()  # no close frame: the TCP connection just drops
+        with pytest.raises(websockets.ConnectionClosed) as info:
+            await asyncio.wait_for(b.recv(), WAIT_S)
+        assert info.value.rcvd is not None and info.value.rcvd.code == 1001
+
+
+async def test_a_close_frame_without_a_code_is_a_normal_close_for_the_other_side(mesh_router: Any) -> None:
     a, b = await pair(mesh_router, "team/a", "team/b")
-    a.transport.abort()  # no close frame: the TCP connection just drops
+    a.transport.write(bytes([0x88, 0x80]) + os.urandom(4))  # a masked close frame, no status (RFC 6455 §5.5.1)
     with pytest.raises(websockets.ConnectionClosed) as info:
         await asyncio.wait_for(b.recv(), WAIT_S)
-    # uvicorn reports a lost connection as 1005 (no status), which may not be sent on: the
-    # other side gets a clean close (1000) or going-away (1001), never a hang.
-    assert info.value.rcvd is not None and info.value.rcvd.code in (1000, 1001)
+    # 1005 may not be sent on (RFC 6455 §7.4.1); the peer did close, so the other side gets 1000.
+    assert info.value.rcvd is not None and (info.value.rcvd.code, info.value.rcvd.reason) == (1000, "")
+    a.transport.abort()
 
 
 async def test_pings_are_answered_across_the_bridge(mesh_router: Any) -> None:
