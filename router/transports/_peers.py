@@ -133,4 +133,6 @@ async def pump(
         except (OSError, RuntimeError, websockets.ConnectionClosed):
             # The sink is gone; its own pump passes its close back to ``source``.
             return
-        metrics.mesh_bytes.inc(len(item))
+        # Bytes on the wire: text is UTF-8 (RFC 6455 §5.6). The sinks encode it themselves, so it is
+        # encoded here only to be counted, and not at all when it is ASCII (one byte a character).
+        metrics.mesh_bytes.inc(len(item) if isinstance(item, bytes) or item.isascii() else len(item.encode()))

@@ -267,6 +267,29 @@ async def test_metrics_count_bridges(mesh_router: Any) -> None:
     await b.close()
 
 
+async def mesh_bytes(srv: Any) -> float:
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"{srv.url}/metrics", timeout=5)).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("kars_mesh_bytes_total "))
+
+
+async def test_metrics_count_payload_bytes_not_characters(mesh_router: Any) -> None:
+    a, b = await pair(mesh_router, "team/a", "team/b")
+    before = await mesh_bytes(mesh_router)
+    frames: list[str | bytes] = ["héllo ✓", "plain", b"\x00\xff\x10", "", "𝄞"]
+    for frame in frames:
+        await a.send(frame)
+        assert await asyncio.wait_for(b.recv(), WAIT_S) == frame
+    expected = before + sum(len(f.encode() if isinstance(f, str) else f) for f in frames)  # 10 + 5 + 3 + 0 + 4
+
+    async def counted() -> bool:
+        return await mesh_bytes(mesh_router) == expected
+
+    await waiting.until_async(counted, timeout_s=5, what=f"kars_mesh_bytes_total to reach {expected}")
+    await a.close()
+    await b.close()
+
+
 # -- live policy changes --------------------------------------------------------------------
 
 
