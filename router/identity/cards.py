@@ -102,6 +102,13 @@ def verify_card(
         card = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise JwsError("malformed", "the agent card is not JSON") from exc
+    return verify_card_object(card, keys, now=now, jku_hosts=jku_hosts)
+
+
+def verify_card_object(
+    card: Any, keys: Mapping[str, TrustedKey], *, now: dt.datetime, jku_hosts: frozenset[str] = frozenset()
+) -> str:
+    """``verify_card`` for a card already parsed (the ``result`` of an extended card reply)."""
     if not isinstance(card, dict):
         raise JwsError("malformed", "the agent card is not a JSON object")
     signatures = card.get("signatures")

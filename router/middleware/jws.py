@@ -9,11 +9,15 @@ way (a trusted proxy's ``X-A2A-Agent-Subject`` naming it is a 401).
 Out: for an A2AAgent with ``signingKeys``, its card (``/a2a/{agent}/.well-known/agent-card.json``
 or ``agent.json``) is held back (at most ``a2a.maxCardBytes``), verified, and only then sent on
 unchanged, byte for byte; a card that does not verify is never served (502 ``upstream_error``).
+So is its extended card: the reply to ``GetExtendedAgentCard`` (v1.0) or
+``agent/getAuthenticatedExtendedCard`` (v0.3) is held back the same way and its ``result`` verified;
+a JSON-RPC error passes through. Every other method's reply streams untouched.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -34,6 +38,8 @@ SharedClaim = Callable[[str, float], Awaitable[bool]]  # claim a key until a tim
 
 CARD_SUFFIXES = ("/.well-known/agent-card.json", "/.well-known/agent.json")
 A2A_PREFIX = "/a2a/"
+# JSON-RPC methods whose ``result`` is an Agent Card (A2A v1.0 and v0.3 names).
+EXTENDED_CARD_METHODS = frozenset({"GetExtendedAgentCard", "agent/getAuthenticatedExtendedCard"})
 
 
 def audiences_of(scope: Scope) -> list[str]:
@@ -51,6 +57,12 @@ def audiences_of(scope: Scope) -> list[str]:
     rest = f"://{authority}{scope.get('root_path', '')}{scope['path']}"
     http_scheme = {"ws": "http", "wss": "https"}.get(scheme)
     return [scheme + rest] if http_scheme is None else [scheme + rest, http_scheme + rest]
+
+
+def rpc_agent(path: str) -> str | None:
+    """``{agent}`` when ``path`` is the JSON-RPC route ``/a2a/{agent}``."""
+    agent = path[len(A2A_PREFIX) :] if path.startswith(A2A_PREFIX) else ""
+    return agent if agent and "/" not in agent else None
 
 
 def card_agent(path: str) -> str | None:
@@ -93,9 +105,19 @@ class JwsMiddleware:
         else:
             self._refuse_unsigned_agent(scope)
         if scope["type"] == "http" and scope.get("method") in ("GET", "HEAD"):  # a HEAD is answered as a GET
-            agent = self._signed_card_agent(scope)
+            agent = self._signing_agent(scope, card_agent(scope["path"]))
             if agent is not None:
                 return await self._serve_verified_card(scope, receive, send, agent)
+        if scope["type"] == "http" and scope.get("method") == "POST":
+            agent = self._signing_agent(scope, rpc_agent(scope["path"]))
+            if agent is not None:
+                try:
+                    request = await _body.read_json(scope, receive)
+                except errors.InvalidRequest:
+                    request = None  # the layers below refuse it in their own order (trust first)
+                receive = _body.replay(scope, receive)
+                if isinstance(request, dict) and request.get("method") in EXTENDED_CARD_METHODS:
+                    return await self._serve_verified_extended_card(scope, receive, send, agent)
         await self.app(scope, receive, send)
 
     # -- signed requests --------------------------------------------------------------------
@@ -144,15 +166,16 @@ class JwsMiddleware:
 
     # -- signed agent cards -----------------------------------------------------------------
 
-    def _signed_card_agent(self, scope: Scope) -> model.A2AAgent | None:
-        name = card_agent(scope["path"])
+    def _signing_agent(self, scope: Scope, name: str | None) -> model.A2AAgent | None:
+        """The A2AAgent ``name`` of the caller's namespace, when it has ``signingKeys``."""
         principal = scope["state"].get(_asgi.PRINCIPAL)
         if name is None or principal is None:
             return None
         agent = self._policy.snapshot.a2a_agent(principal.namespace, name)
         return agent if agent is not None and agent.spec.signing_keys else None
 
-    async def _serve_verified_card(self, scope: Scope, receive: Receive, send: Send, agent: model.A2AAgent) -> None:
+    async def _held_reply(self, scope: Scope, receive: Receive) -> tuple[list[Message], int | None, bytes]:
+        """The layers below answer into a buffer (at most ``a2a.maxCardBytes``): messages, status, body."""
         held: list[Message] = []
         size = 0
 
@@ -166,22 +189,46 @@ class JwsMiddleware:
 
         await self.app(scope, receive, holding_send)
         start = next((m for m in held if m["type"] == "http.response.start"), None)
-        if start is not None and start["status"] == 200:
-            raw = b"".join(m.get("body", b"") for m in held if m["type"] == "http.response.body")
-            try:
-                kid = cards.verify_card(
-                    raw,
-                    jws_mod.trusted_keys(agent),
-                    now=dt.datetime.now(dt.UTC),
-                    jku_hosts=self._jku_hosts,
-                )
-            except jws_mod.JwsError as exc:
-                self._metrics.a2a_card_verifications.labels("failed").inc()
-                log.warning(
-                    "agent card of %s/%s refused: %s (%s)", agent.namespace, agent.name, exc.reason, exc.message
-                )
-                raise errors.UpstreamError(f"the agent card does not verify: {exc.reason}") from None
-            self._metrics.a2a_card_verifications.labels("ok").inc()
-            log.debug("agent card of %s/%s verified with kid %s", agent.namespace, agent.name, kid)
+        raw = b"".join(m.get("body", b"") for m in held if m["type"] == "http.response.body")
+        return held, (start["status"] if start is not None else None), raw
+
+    def _verify(self, agent: model.A2AAgent, card: bytes | object, what: str) -> None:
+        """Verify a card of ``agent`` (raw, or parsed out of a reply) or raise 502 ``upstream_error``."""
+        keys, now = jws_mod.trusted_keys(agent), dt.datetime.now(dt.UTC)
+        try:
+            if isinstance(card, bytes):
+                kid = cards.verify_card(card, keys, now=now, jku_hosts=self._jku_hosts)
+            else:
+                kid = cards.verify_card_object(card, keys, now=now, jku_hosts=self._jku_hosts)
+        except jws_mod.JwsError as exc:
+            self._metrics.a2a_card_verifications.labels("failed").inc()
+            log.warning("%s of %s/%s refused: %s (%s)", what, agent.namespace, agent.name, exc.reason, exc.message)
+            raise errors.UpstreamError(f"the {what} does not verify: {exc.reason}") from None
+        self._metrics.a2a_card_verifications.labels("ok").inc()
+        log.debug("%s of %s/%s verified with kid %s", what, agent.namespace, agent.name, kid)
+
+    async def _serve_verified_card(self, scope: Scope, receive: Receive, send: Send, agent: model.A2AAgent) -> None:
+        held, status, raw = await self._held_reply(scope, receive)
+        if status == 200:
+            self._verify(agent, raw, "agent card")
+        for message in held:
+            await send(message)
+
+    async def _serve_verified_extended_card(
+        self, scope: Scope, receive: Receive, send: Send, agent: model.A2AAgent
+    ) -> None:
+        """A JSON-RPC reply carrying a card (``result``) is sent on only if the card verifies."""
+        held, status, raw = await self._held_reply(scope, receive)
+        try:
+            reply = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            reply = None
+        if isinstance(reply, dict) and "result" in reply:
+            self._verify(agent, reply["result"], "extended agent card")
+        elif status == 200 and not (isinstance(reply, dict) and "error" in reply):
+            # Neither a card nor a JSON-RPC error (an SSE stream, say): nothing here can be vouched for.
+            self._metrics.a2a_card_verifications.labels("failed").inc()
+            log.warning("extended agent card of %s/%s refused: no JSON-RPC reply", agent.namespace, agent.name)
+            raise errors.UpstreamError("the extended agent card does not verify: malformed")
         for message in held:
             await send(message)

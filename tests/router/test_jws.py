@@ -30,6 +30,10 @@ from a2a.utils.signing import create_agent_card_signer
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from google.protobuf.json_format import MessageToDict
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from router.identity import cards, devtokens
 from router.identity import jws as jws_mod
@@ -499,3 +503,73 @@ def test_a_compat_field_that_the_signed_card_does_not_imply_is_refused(
         resp = httpx.get(env.card_url(), headers=env.sandbox_auth(), timeout=WAIT_S)
         assert resp.status_code == 502, key
         assert any("bad_signature" in line for line in reasons())
+
+
+# -- extended agent cards over JSON-RPC (held back and verified like the public card) ---------
+
+
+def rpc(env: Env, agent: str, method: str, version: str = "", base: str | None = None) -> httpx.Response:
+    headers = {**env.sandbox_auth(), **({"A2A-Version": version} if version else {})}
+    body = {"jsonrpc": "2.0", "id": 7, "method": method, "params": {}}
+    return httpx.post(base or f"{env.router.url}/a2a/{agent}", json=body, headers=headers, timeout=WAIT_S)
+
+
+@contextlib.contextmanager
+def registered(env: Env, policy_dir: Path, name: str, app: Any) -> Iterator[str]:
+    """``app`` served on loopback as the A2AAgent ``remote/{name}`` with the test's signing keys."""
+    with servers.serve(app) as srv:
+        (policy_dir / f"{name}.yaml").write_text(
+            a2a_agent_yaml(name, srv.url + "/", "remote", env.keys.signing_keys_yaml())
+        )
+        graph = trustgraphs.Graph().edge("remote/caller", "remote/echo").edge("remote/sandbox", "remote/echo")
+        graph.edge("remote/sandbox", f"remote/{name}").write(policy_dir)
+        env.router.call(env.router.app.state.kars.policy.reload())
+        yield srv.url
+
+
+def test_an_extended_card_is_served_only_if_it_verifies(
+    env: Env, policy_dir: Path, reasons: Callable[[], list[str]]
+) -> None:
+    public = a2a_agent.make_card("http://placeholder")
+    public.capabilities.extended_agent_card = True
+    extended = a2a_agent.make_card(f"{env.router.url}/a2a/ext", name="echo (extended)")
+    signer = create_agent_card_signer(
+        signing_key=env.keys.ed,  # type: ignore[arg-type]
+        protected_header={"alg": "EdDSA", "kid": "ed-1", "typ": "JOSE"},  # type: ignore[typeddict-item]
+    )
+    signer(extended)
+    agent = a2a_agent.build(public, extended_card=extended)
+    with registered(env, policy_dir, "ext", agent.app) as agent_url:
+        resp = rpc(env, "ext", "GetExtendedAgentCard", "1.0")
+        assert resp.status_code == 200, resp.text
+        assert resp.content == rpc(env, "ext", "GetExtendedAgentCard", "1.0", base=agent_url).content
+        assert resp.json()["result"]["name"] == "echo (extended)"
+
+        extended.supported_interfaces[0].url = "https://attacker.example/a2a"  # changed after signing
+        for version, method in (("1.0", "GetExtendedAgentCard"), ("", "agent/getAuthenticatedExtendedCard")):
+            resp = rpc(env, "ext", method, version)
+            assert resp.status_code == 502, (method, resp.text)
+            assert resp.json()["error"]["code"] == "upstream_error", method
+            assert "bad_signature" in resp.json()["error"]["message"], method
+            assert b"attacker.example" not in resp.content
+            assert any(line.startswith("extended agent card of remote/ext refused") for line in reasons())
+
+
+def test_extended_card_replies_without_a_verified_card(env: Env, policy_dir: Path) -> None:
+    """A v0.3 reply whose card verifies passes byte for byte; a JSON-RPC error passes; anything else is 502."""
+    replies: list[bytes] = []
+
+    async def answer(request: Request) -> Response:
+        return Response(replies[0], media_type="application/json")
+
+    signed = a2a_agent.sign_card_dict(env.card_dict(), env.keys.ed, alg="EdDSA", kid="ed-1")
+    card_reply = json.dumps({"jsonrpc": "2.0", "id": 7, "result": signed}, indent=1).encode()
+    error_reply = b'{"jsonrpc": "2.0", "id": 7, "error": {"code": -32007, "message": "not configured"}}'
+    app = Starlette(routes=[Route("/", answer, methods=["POST"])])
+    with registered(env, policy_dir, "fake", app):
+        for body, status in ((card_reply, 200), (error_reply, 200), (b"data: {}\n\n", 502)):
+            replies[:] = [body]
+            resp = rpc(env, "fake", "agent/getAuthenticatedExtendedCard")
+            assert resp.status_code == status, (body, resp.text)
+            if status == 200:
+                assert resp.content == body

@@ -84,9 +84,18 @@ class Agent:
     card_body: list[bytes]  # what the card route serves; tests may swap it
 
 
-def build(card: AgentCard, *, card_body: bytes | None = None, stock_card_route: bool = False) -> Agent:
+def build(
+    card: AgentCard,
+    *,
+    card_body: bytes | None = None,
+    stock_card_route: bool = False,
+    extended_card: AgentCard | None = None,
+) -> Agent:
+    """``extended_card`` is the answer to ``GetExtendedAgentCard`` (``card`` must announce it)."""
     executor = EchoExecutor()
-    handler = DefaultRequestHandlerV2(agent_executor=executor, task_store=InMemoryTaskStore(), agent_card=card)
+    handler = DefaultRequestHandlerV2(
+        agent_executor=executor, task_store=InMemoryTaskStore(), agent_card=card, extended_agent_card=extended_card
+    )
     body = [card_body if card_body is not None else card_json(card)]
 
     async def serve_card(request: Request) -> Response:
