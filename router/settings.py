@@ -207,7 +207,7 @@ class Settings(_Section):
     admin: AdminSettings = Field(default_factory=AdminSettings)
     mesh: MeshSettings = Field(default_factory=MeshSettings)
     mcp: McpSettings = Field(default_factory=McpSettings)
-    a2a: A2ASettings = Field(default_factory=A2ASettings)
+    a2a: A2ASettings = Field(default_factory=A2ASettings, alias="a2a")  # to_camel would say "a2A": KARS_A2_A_...
     limits: LimitSettings = Field(default_factory=LimitSettings)
     log: LogSettings = Field(default_factory=LogSettings)
 

@@ -94,5 +94,8 @@ def test_env_names_cover_the_spec_table() -> None:
         "KARS_MESH_RELAY_URL",
         "KARS_MESH_PAIR_TIMEOUT_S",
         "KARS_LIMITS_MAX_BODY_BYTES",
+        "KARS_A2A_JKU_ALLOWED_HOSTS",
+        "KARS_A2A_MAX_CARD_BYTES",
     ):
         assert var in names, var
+    assert settings.load(environ={"KARS_A2A_MAX_CARD_BYTES": "2048"}).a2a.max_card_bytes == 2048
