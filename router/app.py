@@ -240,6 +240,7 @@ def build_app(settings: Settings) -> Starlette:
             metrics=metrics,
             jku_allowed_hosts=settings.a2a.jku_allowed_hosts,
             max_card_bytes=settings.a2a.max_card_bytes,
+            public_urls=settings.a2a.public_urls,
             # Replicas share Redis for budgets: a signed request's jti is claimed there too.
             shared_replay=stores.shared_claim(budget_store),
         ),

@@ -17,6 +17,7 @@ import typing
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import pydantic
 import re2
@@ -65,6 +66,17 @@ def _check_cidr(value: str) -> str:
 
 
 Cidr = Annotated[str, pydantic.AfterValidator(_check_cidr)]
+
+
+def _check_base_url(value: str) -> str:
+    """An absolute http(s) URL with no query or fragment, kept without its trailing slash."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise ValueError(f"{value!r} is not an http(s) base URL (scheme://host[:port][/prefix])")
+    return value.rstrip("/")
+
+
+BaseUrl = Annotated[str, pydantic.AfterValidator(_check_base_url)]
 
 
 class ServerSettings(_Section):
@@ -165,9 +177,16 @@ class MeshSettings(_Section):
 
 
 class A2ASettings(_Section):
-    """A2A proxy (SPEC.md §5). A signed card's ``jku`` is accepted only as https on one of these hosts."""
+    """A2A proxy (SPEC.md §5). A signed card's ``jku`` is accepted only as https on one of these hosts.
+
+    ``publicUrls``: the router's base URLs as callers reach it (``https://agents.example.com``, behind a
+    gateway that terminates TLS). When set, a signed request's ``aud`` must be one of them + the route
+    path, and the ``Host`` header plays no part; when empty (development, loopback), ``aud`` is checked
+    against the request's own scheme and ``Host``.
+    """
 
     jku_allowed_hosts: list[str] = Field(default_factory=list)
+    public_urls: list[BaseUrl] = Field(default_factory=list)
     upstream_connect_timeout_s: float = Field(default=5, gt=0)
     upstream_read_timeout_s: float = Field(default=300, gt=0)  # for headers, then between two chunks
     max_card_bytes: int = Field(default=1024 * 1024, ge=1024)  # a bigger agent card is refused (502)

@@ -2,9 +2,10 @@
 
 In: the identity layer hands over a bearer whose ``iss`` names an A2AAgent (``SIGNED_REQUEST``);
 it is verified here (``router.identity.jws``) against the raw body, with the URL of the route
-called as its audience, or the request is refused with 401 and the reason logged. Never a
-fallback. An agent whose A2AAgent sets ``trust.requireSignedRequests`` is not accepted any other
-way (a trusted proxy's ``X-A2A-Agent-Subject`` naming it is a 401).
+called as its audience (on ``a2a.publicUrls`` when set: ``audiences_of``), or the request is
+refused with 401 and the reason logged. Never a fallback. An agent whose A2AAgent sets
+``trust.requireSignedRequests`` is not accepted any other way (a trusted proxy's
+``X-A2A-Agent-Subject`` naming it is a 401).
 
 Out: for an A2AAgent with ``signingKeys``, its card (``/a2a/{agent}/.well-known/agent-card.json``
 or ``agent.json``) is held back (at most ``a2a.maxCardBytes``), verified, and only then sent on
@@ -19,7 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -42,11 +43,21 @@ A2A_PREFIX = "/a2a/"
 EXTENDED_CARD_METHODS = frozenset({"GetExtendedAgentCard", "agent/getAuthenticatedExtendedCard"})
 
 
-def audiences_of(scope: Scope) -> list[str]:
-    """The URL of the route called on this router, as the caller addressed it (``aud`` of §5).
+def audiences_of(scope: Scope, public_urls: Sequence[str] = ()) -> list[str]:
+    """The URL of the route called on this router (``aud`` of §5).
 
-    A WebSocket route may be named by its ``ws(s)://`` or its ``http(s)://`` URL: both are accepted.
+    With ``public_urls`` (``a2a.publicUrls``): one of those bases + the route path, whatever the
+    ``Host`` header says (behind a gateway the scheme seen here is not the caller's, and a ``Host``
+    is the caller's to choose). Without: the request's own scheme and ``Host``, as the caller
+    addressed this router directly (development, loopback). A WebSocket route may be named by its
+    ``ws(s)://`` or its ``http(s)://`` URL: both are accepted.
     """
+    if public_urls:
+        path = scope["path"]
+        bases = list(public_urls)
+        if scope["type"] == "websocket":
+            bases += ["ws" + b[len("http") :] for b in public_urls]  # http://h -> ws://h, https://h -> wss://h
+        return [base + path for base in bases]
     host = _asgi.header(scope, b"host")
     if host is not None:
         authority = host.decode("latin-1")
@@ -85,6 +96,7 @@ class JwsMiddleware:
         metrics: metrics_mod.Metrics,
         jku_allowed_hosts: list[str],
         max_card_bytes: int,
+        public_urls: Sequence[str] = (),
         shared_replay: SharedClaim | None = None,
     ) -> None:
         self.app = app
@@ -92,6 +104,7 @@ class JwsMiddleware:
         self._metrics = metrics
         self._jku_hosts = frozenset(h.lower() for h in jku_allowed_hosts)
         self._max_card_bytes = max_card_bytes
+        self._public_urls = tuple(public_urls)
         self._replay = jws_mod.ReplayCache()  # this replica's: a replay to it costs no round trip
         self._shared_replay = shared_replay  # every replica's (Redis), when the router has one
 
@@ -128,7 +141,7 @@ class JwsMiddleware:
             principal, (iss, jti), forget_at = jws_mod.verify_request(
                 token,
                 body=body,
-                audience=audiences_of(scope),
+                audience=audiences_of(scope, self._public_urls),
                 snapshot=self._policy.snapshot,
                 replay=self._replay,
                 jku_hosts=self._jku_hosts,

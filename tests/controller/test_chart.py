@@ -72,6 +72,7 @@ VARIANTS = {
             "workloadIdentity": {"clientId": "11111111-2222-3333-4444-555555555555"},
             "foundry": {"endpoint": "https://example.openai.azure.com"},
             "budgets": {"redisUrlSecret": {"name": "redis", "key": "url"}},
+            "a2a": {"publicUrls": ["https://agents.example.com/"]},
         },
     },
     "api-key-sqlite": {
@@ -96,6 +97,7 @@ def test_default_values_validate_against_the_schema() -> None:
         {"router": {"foundry": {"endpoint": "not a url"}}},
         {"router": {"budgets": {"store": "sqlite"}}},  # two replicas would not share per-pod counters
         {"router": {"budgets": {"store": "memory"}, "replicas": 3}},
+        {"router": {"a2a": {"publicUrls": ["agents.example.com"]}}},
     ],
 )
 def test_bad_values_are_refused_by_the_schema(bad: dict[str, Any]) -> None:
@@ -174,6 +176,8 @@ def test_router_config_is_accepted_by_the_router(tmp_path: Path) -> None:
         parsed = router_settings.load(path, environ=env, overrides={("policy", "dir"): tmp_path})
         assert parsed.identity.audience == "kars-router"
         assert parsed.admin.token_file == Path("/etc/kars/admin/token")
+        public_urls = variant.get("router", {}).get("a2a", {}).get("publicUrls", [])
+        assert parsed.a2a.public_urls == [u.rstrip("/") for u in public_urls]
 
 
 def test_a_default_install_brings_the_redis_its_router_names() -> None:

@@ -399,6 +399,41 @@ def test_a_signed_request_fails_closed_when_the_shared_replay_store_is_down(
         assert (resp.status_code, resp.json()["error"]["code"]) == (503, "identity_unavailable")
 
 
+async def test_aud_is_one_of_the_public_urls_when_they_are_set(
+    router_server: Callable[..., Any], policy_dir: Path, keys: Keys, reasons: Callable[[], list[str]]
+) -> None:
+    """Behind a gateway that terminates TLS: ``aud`` is the public https URL, and Host plays no part.
+
+    (Without ``a2a.publicUrls`` the request's own scheme and Host are the audience: every other test here.)
+    """
+    public = "https://agents.example.com/kars"
+    with echo_agent(policy_dir, keys):
+        router = router_server(**{**ROUTER_SETTINGS, "a2a": {**ROUTER_SETTINGS["a2a"], "publicUrls": [public + "/"]}})
+        url = f"{router.url}/a2a/echo"
+
+        def call(aud: str, **headers: str) -> httpx.Response:
+            token = sign(keys.ed, "EdDSA", "ed-1", body=BODY, aud=aud)
+            headers = {"Authorization": f"Bearer {token}", "content-type": "application/json", **headers}
+            return httpx.post(url, content=BODY, headers=headers, timeout=WAIT_S)
+
+        forwarded = {"host": "agents.example.com", "x-forwarded-proto": "https"}
+        assert call(f"{public}/a2a/echo", **forwarded).status_code == 200
+        assert call(f"{public}/a2a/echo").status_code == 200  # whatever the Host
+        for aud, headers in (
+            (url, {}),  # the URL as this request's Host names it
+            ("http://other-router.example/a2a/echo", {"host": "other-router.example"}),  # a Host set to match
+            ("https://agents.example.com/a2a/echo", forwarded),  # the host, without the public prefix
+        ):
+            resp = call(aud, **headers)
+            assert (resp.status_code, resp.json()["error"]["code"]) == (401, "invalid_credentials"), aud
+            assert "wrong_audience" in reasons()[-1], aud
+        ws = router.url.replace("http://", "ws://") + "/mesh/remote/echo"
+        for aud in (f"{public}/mesh/remote/echo", "wss://agents.example.com/kars/mesh/remote/echo"):
+            token = sign(keys.ed, "EdDSA", "ed-1", body=b"", aud=aud)
+            conn = await websockets.connect(ws, additional_headers={"Authorization": f"Bearer {token}"})
+            await conn.close()
+
+
 def test_agent_requiring_signed_requests_is_refused_via_a_trusted_proxy(env: Env) -> None:
     resp = httpx.post(env.base, content=BODY, headers={"X-A2A-Agent-Subject": "remote/caller"}, timeout=WAIT_S)
     assert resp.status_code == 401 and "signed requests" in resp.json()["error"]["message"]

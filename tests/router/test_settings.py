@@ -19,6 +19,7 @@ def test_defaults_match_the_spec() -> None:
     assert s.identity.audience == "kars-router" and s.identity.trusted_proxies == []
     assert s.limits.max_body_bytes == 4 * 1024 * 1024
     assert s.mesh.pair_timeout_s == 30
+    assert s.a2a.public_urls == []  # signed requests' aud: the request's own scheme and Host
 
 
 def test_file_then_environment_then_flags(tmp_path: Path) -> None:
@@ -56,6 +57,14 @@ def test_every_problem_is_reported_with_its_key_path(tmp_path: Path) -> None:
     assert "safety.floor.hate: Input should be 'Safe', 'Low', 'Medium' or 'High'" in text
     assert "bogus: unknown field" in text
     assert "identity.trustedProxies[0]: 'not-a-cidr' is not a CIDR" in text
+
+
+def test_public_urls_are_http_base_urls() -> None:
+    env = {"KARS_A2A_PUBLIC_URLS": "[https://agents.example.com/, 'http://10.0.0.1:8443/kars']"}
+    assert settings.load(environ=env).a2a.public_urls == ["https://agents.example.com", "http://10.0.0.1:8443/kars"]
+    for bad in ("agents.example.com", "ftp://agents.example.com", "https://agents.example.com/?x=1"):
+        with pytest.raises(settings.SettingsError, match=r"a2a\.publicUrls\[0\]: .* is not an http\(s\) base URL"):
+            settings.load(environ={"KARS_A2A_PUBLIC_URLS": f"['{bad}']"})
 
 
 def test_bad_files_and_cross_checks(tmp_path: Path) -> None:
@@ -96,6 +105,7 @@ def test_env_names_cover_the_spec_table() -> None:
         "KARS_LIMITS_MAX_BODY_BYTES",
         "KARS_A2A_JKU_ALLOWED_HOSTS",
         "KARS_A2A_MAX_CARD_BYTES",
+        "KARS_A2A_PUBLIC_URLS",
     ):
         assert var in names, var
     assert settings.load(environ={"KARS_A2A_MAX_CARD_BYTES": "2048"}).a2a.max_card_bytes == 2048
