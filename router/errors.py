@@ -16,7 +16,7 @@ shape of SPEC.md §7 so SDKs raise their usual exceptions::
     │   └── TokenBudgetExceeded    429     budget_exceeded | per_request_tokens_exceeded
     ├── UpstreamError              502     upstream_error | upstream_unavailable
     ├── ServiceUnavailable         503     upstream_not_configured | content_safety_unavailable
-    │                                      | budget_store_unavailable | not_ready
+    │                                      | budget_store_unavailable | identity_unavailable | not_ready
     └── UpstreamTimeout            504     upstream_timeout
 
 Third-party exceptions are translated into these at the boundary where they occur

@@ -2,7 +2,9 @@
 
 Keys are fetched once and kept for ``REFRESH_S``; a token with an unknown ``kid`` triggers a
 refetch, at most once per ``MIN_REFETCH_S`` and one fetch at a time (concurrent callers wait
-for the same fetch). A failed fetch keeps the keys already known.
+for the same fetch). A failed fetch keeps the keys already known. Until one fetch has succeeded
+there is no key set to judge a token by: every lookup is 503 ``identity_unavailable`` (fail
+closed, but never a 401 that calls a good token bad), retried at most once per ``MIN_REFETCH_S``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,12 @@ _DEFAULT_ALG: dict[tuple[object, object], str] = {
 ALLOWED_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA"})
 
 
+def _unavailable() -> errors.ServiceUnavailable:
+    return errors.ServiceUnavailable(
+        "cannot verify the token: the signing key set is unavailable", code="identity_unavailable"
+    )
+
+
 class JwksCache:
     def __init__(
         self,
@@ -48,6 +56,7 @@ class JwksCache:
         self._bearer = bearer
         self._clock = clock
         self._keys: dict[str, tuple[jwt.PyJWK, str]] = {}
+        self._known = False  # a fetch has succeeded: a kid missing from _keys is unknown, not unseen
         self._fetched_at: float | None = None
         self._lock = asyncio.Lock()
         self.fetches = 0
@@ -65,6 +74,8 @@ class JwksCache:
                 return self._keys[kid]
             if self._fetched_at is None or now - self._fetched_at >= MIN_REFETCH_S:
                 await self._fetch()
+        if not self._known:
+            raise _unavailable()
         return self._keys.get(kid)
 
     async def _fetch(self) -> None:
@@ -83,12 +94,10 @@ class JwksCache:
             keys = self._parse(resp.json())
         except (httpx.HTTPError, ValueError) as exc:
             log.warning("jwks fetch from %s failed: %s", self.url, exc)
-            if not self._keys:
-                raise errors.ServiceUnavailable(
-                    "cannot verify the token: the signing key set is unavailable", code="identity_unavailable"
-                ) from exc
+            if not self._known:
+                raise _unavailable() from exc
             return
-        self._keys = keys
+        self._keys, self._known = keys, True
 
     @staticmethod
     def _parse(doc: object) -> dict[str, tuple[jwt.PyJWK, str]]:

@@ -42,12 +42,15 @@ class FakeOidc:
     def __init__(self) -> None:
         self.keys: list[SigningKey] = [new_key("k8s-key-1")]
         self.fetches = 0
+        self.down = False  # answer 503, as an API server that is restarting does
         self.auth_headers: list[str | None] = []
         self.app = Starlette(routes=[Route("/openid/v1/jwks", self._jwks)])
 
     async def _jwks(self, request: Request) -> JSONResponse:
         self.fetches += 1
         self.auth_headers.append(request.headers.get("authorization"))
+        if self.down:
+            return JSONResponse({"message": "unavailable"}, status_code=503)
         return JSONResponse({"keys": [k.jwk() for k in self.keys]})
 
     def token(

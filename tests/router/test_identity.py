@@ -213,9 +213,28 @@ def test_verified_token_is_cached(router_server: Callable[..., Any], fake_oidc: 
 def test_jwks_down_with_no_keys_is_503_not_a_pass(router_server: Callable[..., Any], dead_port: int) -> None:
     srv = router_server(identity={"jwksUrl": f"http://127.0.0.1:{dead_port}/openid/v1/jwks"})
     fake = oidc.FakeOidc()
-    resp = whoami(srv, Authorization=f"Bearer {fake.token()}")
-    assert resp.status_code == 503
-    assert resp.json()["error"]["code"] == "identity_unavailable"
+    for _ in range(3):  # the first fetch fails; the next ones are not tried yet (MIN_REFETCH_S)
+        resp = whoami(srv, Authorization=f"Bearer {fake.token()}")
+        assert resp.status_code == 503, resp.text
+        assert resp.json()["error"]["code"] == "identity_unavailable"
+
+
+def test_jwks_never_fetched_is_503_until_it_answers(router_server: Callable[..., Any], fake_oidc: Any) -> None:
+    """A good token is never told it is bad (401) because the key set could not be fetched."""
+    fake, idp = fake_oidc
+    fake.down = True
+    srv = router_server(**sa_settings(idp))
+    token = fake.token()
+    for _ in range(3):
+        resp = whoami(srv, Authorization=f"Bearer {token}")
+        assert (resp.status_code, resp.json()["error"]["code"]) == (503, "identity_unavailable")
+    assert fake.fetches == 1  # and the endpoint is not hammered meanwhile
+    fake.down = False
+    srv.app.state.kars.verifier._jwks._fetched_at -= 60  # the minimum refetch interval has passed
+    assert whoami(srv, Authorization=f"Bearer {token}").status_code == 200
+    fake.down = True  # a key set already known stays in use; a kid it lacks is a 401
+    srv.app.state.kars.verifier._jwks._fetched_at -= 60
+    assert_401(whoami(srv, Authorization=f"Bearer {fake.token(key=oidc.new_key('made-up'))}"))
 
 
 # -- sidecar and trusted proxy --------------------------------------------------------------
