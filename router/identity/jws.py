@@ -11,9 +11,9 @@ a claim to learn which key to use. The rules shared with signed Agent Cards (``c
   the trusted store, never from the URL.
 
 Signed requests: a compact JWS bearer with ``iss`` (the caller's A2AAgent ``ns/name``), ``aud``
-(the URL called on this router), ``iat``/``exp`` (at most ``MAX_REQUEST_LIFETIME_S`` apart,
-checked with the agent's ``maxClockSkewSeconds``), ``jti`` (never twice: ``ReplayCache``) and
-``body_sha256`` (base64url SHA-256 of the raw body, no padding).
+(the URL called on this router), ``iat``/``exp`` (``exp`` not before ``iat`` and at most
+``MAX_REQUEST_LIFETIME_S`` after it, checked with the agent's ``maxClockSkewSeconds``), ``jti``
+(never twice: ``ReplayCache``) and ``body_sha256`` (base64url SHA-256 of the raw body, no padding).
 """
 
 from __future__ import annotations
@@ -225,6 +225,8 @@ def verify_request(
     iat, exp, jti = claims["iat"], claims["exp"], claims["jti"]
     if not isinstance(iat, int | float) or not isinstance(exp, int | float) or exp - iat > MAX_REQUEST_LIFETIME_S:
         raise JwsError("lifetime_too_long", f"exp must be at most {MAX_REQUEST_LIFETIME_S} s after iat")
+    if exp < iat:
+        raise JwsError("exp_before_iat", "exp is earlier than iat")
     if iat > now + skew:
         raise JwsError("not_yet_valid", "the signed request is issued in the future")
     if not isinstance(jti, str) or not jti:

@@ -347,6 +347,11 @@ def test_request_forgeries_are_401_with_the_reason_logged(env: Env, reasons: Cal
         "body swapped": (sign(ed, "EdDSA", "ed-1", body=BODY, aud=aud), BODY.replace(b'"t"', b'"u"'), "body_mismatch"),
         "other route": (sign(ed, "EdDSA", "ed-1", body=BODY, aud=aud + "x"), BODY, "wrong_audience"),
         "too long lived": (sign(ed, "EdDSA", "ed-1", body=BODY, aud=aud, exp=now + 301), BODY, "lifetime_too_long"),
+        "exp before iat": (
+            sign(ed, "EdDSA", "ed-1", body=BODY, aud=aud, iat=now + 20, exp=now + 10),
+            BODY,
+            "exp_before_iat",
+        ),
         "from the future": (sign(ed, "EdDSA", "ed-1", body=BODY, aud=aud, iat=now + 120), BODY, "not_yet_valid"),
         "no jti": (sign(ed, "EdDSA", "ed-1", body=BODY, aud=aud, jti=None), BODY, "invalid_claims"),
         "jku elsewhere": (
