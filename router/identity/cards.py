@@ -3,10 +3,10 @@
 ``signatures: [{protected, signature, header?}]``: JWS JSON serialization with a detached payload;
 the payload is the RFC 8785 (JCS) form of the card without ``signatures``. a2a-sdk's signer drops
 every empty string, list and object before canonicalising, so both forms are tried. a2a-sdk's
-stock card route also adds v0.3 fields (``url``, ``preferredTransport``, ...) that the signature
-does not cover: such a card is accepted only when every one of them is exactly what the signed
-``supportedInterfaces`` and ``capabilities`` imply, so an unsigned field can never point a v0.3
-client elsewhere. ``validFrom``/``validUntil`` in the protected header bound the signature's
+stock card route also adds v0.3 fields (``url``, ``preferredTransport``, ``securitySchemes.<k>.type``,
+...) that the signature does not cover: such a card is accepted only when every one of them is
+exactly what the signed fields imply (``card_compat``), so an unsigned field can never point a
+v0.3 client elsewhere. ``validFrom``/``validUntil`` in the protected header bound the signature's
 lifetime; ``alg``, ``kid``, ``jku`` and key expiry follow the rules of ``router.identity.jws``.
 """
 
@@ -14,27 +14,17 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import re
 from collections.abc import Mapping
 from typing import Any
 
 import jwt
 import rfc8785
 
-from router.identity import jws
+from router.identity import card_compat, jws
 from router.identity.jws import JwsError, TrustedKey
 from router.policy import model
 
 MAX_CARD_SIGNATURES = 8
-# a2a-sdk's stock card route adds these v0.3 fields, derived from signed v1.0 ones, outside the signature.
-_COMPAT_KEYS = (
-    "url",
-    "preferredTransport",
-    "protocolVersion",
-    "additionalInterfaces",
-    "supportsAuthenticatedExtendedCard",
-)
-_LEGACY_VERSION_RE = re.compile(r"^0\.(\d+)")
 
 
 def _drop_empty(value: Any) -> Any:
@@ -48,39 +38,6 @@ def _drop_empty(value: Any) -> Any:
     if value == "":
         return None
     return value
-
-
-def _without_derived_compat_fields(card: dict[str, Any]) -> dict[str, Any] | None:
-    """The card without a2a-sdk's v0.3 compatibility fields, if each equals what the signed fields
-    imply (a2a-sdk ``to_compat_agent_card``); None when there are none or one does not match."""
-    present = [k for k in _COMPAT_KEYS if k in card]
-    interfaces = card.get("supportedInterfaces")
-    if not present or not isinstance(interfaces, list):
-        return None
-    legacy = [
-        i
-        for i in interfaces
-        if isinstance(i, dict)
-        and isinstance(i.get("protocolVersion"), str)
-        and (m := _LEGACY_VERSION_RE.match(i["protocolVersion"])) is not None
-        and int(m.group(1)) >= 3
-    ]
-    if not legacy:
-        return None
-    primary = legacy[0]
-    capabilities = card.get("capabilities")
-    expected = {
-        "url": primary.get("url"),
-        "preferredTransport": primary.get("protocolBinding"),
-        "protocolVersion": primary.get("protocolVersion"),
-        "additionalInterfaces": [{"url": i.get("url"), "transport": i.get("protocolBinding")} for i in legacy[1:]],
-        "supportsAuthenticatedExtendedCard": capabilities.get("extendedAgentCard")
-        if isinstance(capabilities, dict)
-        else None,
-    }
-    if any(card[key] != expected[key] for key in present):
-        return None
-    return {k: v for k, v in card.items() if k not in _COMPAT_KEYS}
 
 
 def _instant(value: Any, name: str) -> dt.datetime:
@@ -116,7 +73,7 @@ def verify_card_object(
         raise JwsError("unsigned", "the agent card has no signatures")
     unsigned = {k: v for k, v in card.items() if k != "signatures"}
     bases = [unsigned]
-    derived = _without_derived_compat_fields(unsigned)
+    derived = card_compat.without_derived_fields(unsigned)
     if derived is not None:
         bases.append(derived)
     try:

@@ -25,7 +25,18 @@ import rfc8785
 import websockets
 from a2a.client import ClientConfig, create_client
 from a2a.server.request_handlers.response_helpers import agent_card_to_dict
-from a2a.types import Message, Part, Role, SendMessageRequest
+from a2a.types import (
+    AgentCard,
+    AgentExtension,
+    APIKeySecurityScheme,
+    Message,
+    Part,
+    Role,
+    SecurityRequirement,
+    SecurityScheme,
+    SendMessageRequest,
+    StringList,
+)
 from a2a.utils.signing import create_agent_card_signer
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
@@ -501,8 +512,21 @@ async def test_signed_request_opens_a_mesh_connection(env: Env) -> None:
 # -- cards served by a2a-sdk's stock route (v0.3 fields added outside the signature) -----------
 
 
-def test_card_from_the_stock_a2a_sdk_route_is_accepted(env: Env, policy_dir: Path) -> None:
+def with_security_and_extension(card: AgentCard) -> AgentCard:
+    """a2a-sdk's route adds v0.3 fields inside these (``securitySchemes.apikey.type``, ``required``, ...)."""
+    scheme = APIKeySecurityScheme(location="header", name="X-Api-Key")
+    card.security_schemes["apikey"].CopyFrom(SecurityScheme(api_key_security_scheme=scheme))
+    card.security_requirements.append(SecurityRequirement(schemes={"apikey": StringList(list=[])}))
+    card.capabilities.extensions.append(AgentExtension(uri="urn:example:ext", description="an extension"))
+    card.skills[0].security_requirements.append(SecurityRequirement(schemes={"apikey": StringList(list=["s"])}))
+    return card
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "security-scheme-and-extension"])
+def test_card_from_the_stock_a2a_sdk_route_is_accepted(env: Env, policy_dir: Path, nested: bool) -> None:
     card = a2a_agent.make_card("http://placeholder")  # a 1.0 and a 0.3 interface
+    if nested:
+        card = with_security_and_extension(card)
     agent = a2a_agent.build(card, stock_card_route=True)
     with servers.serve(agent.app) as srv:
         (policy_dir / "stock.yaml").write_text(
@@ -520,6 +544,9 @@ def test_card_from_the_stock_a2a_sdk_route_is_accepted(env: Env, policy_dir: Pat
         signer(card)
         upstream = httpx.get(srv.url + "/.well-known/agent-card.json", timeout=WAIT_S)
         assert upstream.json()["url"] == f"{env.router.url}/a2a/stock"  # the v0.3 field, not signed
+        if nested:  # ... and the ones inside signed objects
+            assert upstream.json()["securitySchemes"]["apikey"]["type"] == "apiKey"
+            assert upstream.json()["capabilities"]["extensions"][0]["required"] is False
         resp = httpx.get(f"{env.router.url}/a2a/stock/.well-known/agent-card.json", headers=env.sandbox_auth())
         assert resp.status_code == 200, resp.text
         assert resp.content == upstream.content
@@ -543,6 +570,30 @@ def test_a_compat_field_that_the_signed_card_does_not_imply_is_refused(
         resp = httpx.get(env.card_url(), headers=env.sandbox_auth(), timeout=WAIT_S)
         assert resp.status_code == 502, key
         assert any("bad_signature" in line for line in reasons())
+
+
+def test_a_nested_compat_field_that_the_signed_card_does_not_imply_is_refused(env: Env) -> None:
+    card = with_security_and_extension(a2a_agent.make_card(env.base))
+    signer = create_agent_card_signer(
+        signing_key=env.keys.ed,  # type: ignore[arg-type]
+        protected_header={"alg": "EdDSA", "kid": "ed-1", "typ": "JOSE"},  # type: ignore[typeddict-item]
+    )
+    served = json.loads(json.dumps(agent_card_to_dict(signer(card))))
+    serve_card(env, served)
+    assert httpx.get(env.card_url(), headers=env.sandbox_auth(), timeout=WAIT_S).status_code == 200
+    forgeries: list[Callable[[dict[str, Any]], None]] = [
+        lambda c: c["securitySchemes"]["apikey"].update({"name": "X-Other"}),
+        lambda c: c["securitySchemes"]["apikey"].update({"type": "http", "scheme": "basic"}),
+        lambda c: c["capabilities"]["extensions"][0].update({"required": True}),
+        lambda c: c.update({"security": []}),
+        lambda c: c["skills"][0].update({"security": [{"apikey": []}]}),
+    ]
+    for i, forge in enumerate(forgeries):
+        forged = json.loads(json.dumps(served))
+        forge(forged)
+        serve_card(env, forged)
+        resp = httpx.get(env.card_url(), headers=env.sandbox_auth(), timeout=WAIT_S)
+        assert resp.status_code == 502, i
 
 
 # -- extended agent cards over JSON-RPC (held back and verified like the public card) ---------
