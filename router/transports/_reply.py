@@ -101,8 +101,8 @@ async def relay(
     *,
     strip_usage_chunk: bool,
     on_error: Callable[[str], None],
-) -> usage_mod.Usage | None:
-    """Send ``reply`` to the caller; the usage it reported, if any (``on_error`` counts a broken stream)."""
+) -> None:
+    """Send ``reply`` to the caller, recording the usage it reported (``on_error`` counts a broken stream)."""
     headers = _headers(reply.headers)
     ctype = _content_type(headers)
     ok = 200 <= reply.status < 300
@@ -110,14 +110,12 @@ async def relay(
         found = await _relay_sse(
             scope, send, reply, link, _without_length(headers), ok=ok, strip=strip_usage_chunk, on_error=on_error
         )
+        if found is not None:
+            scope["state"][_asgi.USAGE] = found
     elif ok and _asgi.is_json(ctype):
-        found = await _relay_json(scope, send, reply, link, headers)
+        await _relay_json(scope, send, reply, link, headers)
     else:
         await _relay_raw(scope, send, reply, link, headers, ok=ok)
-        found = None
-    if found is not None:
-        scope["state"][_asgi.USAGE] = found
-    return found
 
 
 async def _chunks(reply: http_mod.Response, link: Link) -> AsyncIterator[bytes]:
@@ -132,7 +130,7 @@ async def _chunks(reply: http_mod.Response, link: Link) -> AsyncIterator[bytes]:
 
 async def _relay_json(
     scope: Scope, send: Send, reply: http_mod.Response, link: Link, headers: list[tuple[bytes, bytes]]
-) -> usage_mod.Usage | None:
+) -> None:
     data, complete = await link.wait(reply.read(MAX_JSON_BYTES))
     if complete:
         try:
@@ -150,7 +148,7 @@ async def _relay_json(
         await send({"type": "http.response.start", "status": reply.status, "headers": headers})
         st[_asgi.UPSTREAM_OUTPUT] = True
         await send({"type": "http.response.body", "body": data})
-        return found
+        return
     await send({"type": "http.response.start", "status": reply.status, "headers": headers})
     scope["state"][_asgi.UPSTREAM_OUTPUT] = True
     await send({"type": "http.response.body", "body": data, "more_body": True})
@@ -159,7 +157,9 @@ async def _relay_json(
         await send({"type": "http.response.body", "body": chunk, "more_body": True})
         tail = (tail + chunk)[-TAIL_BYTES:]
     await send({"type": "http.response.body", "body": b""})
-    return _usage_in_tail(tail)
+    found = _usage_in_tail(tail)
+    if found is not None:
+        scope["state"][_asgi.USAGE] = found
 
 
 async def _relay_raw(
