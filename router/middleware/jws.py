@@ -117,20 +117,22 @@ class JwsMiddleware:
             receive = await self._verify_request(scope, receive, token)
         else:
             self._refuse_unsigned_agent(scope)
-        if scope["type"] == "http" and scope.get("method") in ("GET", "HEAD"):  # a HEAD is answered as a GET
-            agent = self._signing_agent(scope, card_agent(scope["path"]))
-            if agent is not None:
-                return await self._serve_verified_card(scope, receive, send, agent)
-        if scope["type"] == "http" and scope.get("method") == "POST":
-            agent = self._signing_agent(scope, rpc_agent(scope["path"]))
-            if agent is not None:
-                try:
-                    request = await _body.read_json(scope, receive)
-                except errors.InvalidRequest:
-                    request = None  # the layers below refuse it in their own order (trust first)
-                receive = _body.replay(scope, receive)
-                if isinstance(request, dict) and request.get("method") in EXTENDED_CARD_METHODS:
-                    return await self._serve_verified_extended_card(scope, receive, send, agent)
+        if scope["type"] == "http" and scope["path"].startswith(A2A_PREFIX):  # the rest pay one test
+            method = scope.get("method")
+            if method in ("GET", "HEAD"):  # a HEAD is answered as a GET
+                agent = self._signing_agent(scope, card_agent(scope["path"]))
+                if agent is not None:
+                    return await self._serve_verified_card(scope, receive, send, agent)
+            elif method == "POST":
+                agent = self._signing_agent(scope, rpc_agent(scope["path"]))
+                if agent is not None:
+                    try:
+                        request = await _body.read_json(scope, receive)
+                    except errors.InvalidRequest:
+                        request = None  # the layers below refuse it in their own order (trust first)
+                    receive = _body.replay(scope, receive)
+                    if isinstance(request, dict) and request.get("method") in EXTENDED_CARD_METHODS:
+                        return await self._serve_verified_extended_card(scope, receive, send, agent)
         await self.app(scope, receive, send)
 
     # -- signed requests --------------------------------------------------------------------
