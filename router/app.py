@@ -218,7 +218,13 @@ def build_app(settings: Settings) -> Starlette:
                     await asyncio.gather(watcher, return_exceptions=True)
 
     middleware = [
-        Middleware(observe.ObserveMiddleware, metrics=metrics, access_log=access_log, route_names=names),
+        Middleware(
+            observe.ObserveMiddleware,
+            metrics=metrics,
+            access_log=access_log,
+            route_names=names,
+            routes=lambda: routes,  # the list the app is built from, complete by the first request
+        ),
         Middleware(error_mw.ErrorMiddleware),
         Middleware(body_limit.BodyLimitMiddleware, max_body_bytes=settings.limits.max_body_bytes),
         Middleware(

@@ -9,16 +9,17 @@ the line never holds secrets, prompts, query strings or tool arguments.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from router import _asgi
 from router.observability import logs
 from router.observability import metrics as metrics_mod
 
-UNMATCHED = "unrouted"  # refused before routing (401, 413, ...) or no route (404)
+UNMATCHED = "unrouted"  # no route (404), or refused before routing on a path no route takes
 
 
 class ObserveMiddleware:
@@ -29,16 +30,25 @@ class ObserveMiddleware:
         metrics: metrics_mod.Metrics,
         access_log: logs.JsonLines,
         route_names: Mapping[Callable[..., Any], str] | Callable[[], Mapping[Any, str]],
+        routes: Callable[[], Iterable[BaseRoute]] = tuple,
     ) -> None:
         self.app = app
         self._metrics = metrics
         self._route_names = route_names
+        self._routes = routes
         self._access = access_log
 
     def _route(self, scope: Scope) -> str:
-        names = self._route_names() if callable(self._route_names) else self._route_names
         endpoint = scope.get("endpoint")
-        return names.get(endpoint, UNMATCHED) if endpoint is not None else UNMATCHED
+        if endpoint is not None:
+            names = self._route_names() if callable(self._route_names) else self._route_names
+            return names.get(endpoint, UNMATCHED)
+        # Refused before routing (a 401, a budget 429, a prompt the safety floor blocked): named
+        # by the route it was on its way to, so the refusals show on that route's series.
+        for route in self._routes():
+            if route.matches(scope)[0] is not Match.NONE:
+                return getattr(route, "path", UNMATCHED)
+        return UNMATCHED
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):

@@ -73,6 +73,7 @@ def test_metrics_parse_with_prometheus_parser(router_server: Callable[..., Any])
     srv = router_server()
     httpx.get(f"{srv.url}/v1/whoami", headers={"Authorization": f"Bearer {token(srv)}"})
     httpx.get(f"{srv.url}/nope")
+    httpx.post(f"{srv.url}/openai/v1/chat/completions", json={})
     text = httpx.get(f"{srv.url}/metrics").text
     families = {f.name: f for f in text_string_to_metric_families(text)}
     assert all(name.startswith("kars_") for name in families)
@@ -82,7 +83,8 @@ def test_metrics_parse_with_prometheus_parser(router_server: Callable[..., Any])
         if s.name == "kars_requests_total"
     }
     assert requests[("/v1/whoami", "200")] == 1.0
-    assert requests[("unrouted", "401")] == 1.0  # refused before routing: no credentials
+    assert requests[("unrouted", "401")] == 1.0  # refused before routing, on a path no route takes
+    assert requests[("/openai/{path:path}", "401")] == 1.0  # refused before routing: on its route's series
     assert "kars_request_duration_seconds" in families
     assert "kars_policy_generation" in families
 
