@@ -17,6 +17,7 @@ One pooled upstream client (``router.upstream.http``) per agent origin, for the 
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from typing import Any
 from urllib.parse import urlsplit
@@ -29,6 +30,8 @@ from router import _asgi, _body, errors
 from router.policy import model
 from router.policy import store as store_mod
 from router.upstream import http as http_mod
+
+log = logging.getLogger("kars.a2a")
 
 VERSION_HEADER = b"a2a-version"
 V0_3_METHODS = frozenset(
@@ -63,6 +66,7 @@ V1_0_METHODS = frozenset(
 )
 METHODS_BY_VERSION = {"0.3": V0_3_METHODS, "1.0": V1_0_METHODS}
 METHOD_NOT_FOUND = -32601
+INTERNAL_ERROR = -32603
 VERSION_NOT_SUPPORTED = -32009
 CARD_PATH = "/.well-known/agent-card.json"
 LEGACY_CARD_PATH = "/.well-known/agent.json"  # A2A v0.2
@@ -175,18 +179,36 @@ class A2ATransport:
         headers.append(("accept-encoding", "identity"))
         reply = await client.request("POST", path, headers=headers, body=body)
         try:
-            await self._relay(scope, receive, send, reply)
+            await self._relay(scope, receive, send, reply, request_id)
         finally:
             reply.close()
 
-    async def _relay(self, scope: Scope, receive: Receive, send: Send, reply: http_mod.Response) -> None:
-        """Stream ``reply`` to the caller as it arrives; stop reading upstream if the caller leaves."""
+    async def _relay(
+        self, scope: Scope, receive: Receive, send: Send, reply: http_mod.Response, request_id: Any
+    ) -> None:
+        """Stream ``reply`` to the caller as it arrives; stop reading upstream if the caller leaves.
+
+        An SSE stream the agent breaks off between two events ends with one more event, a JSON-RPC
+        error for the request, so the client learns why; broken off inside an event (or any other
+        reply broken off), the error is re-raised and the server aborts the reply, so a truncated
+        body never looks complete.
+        """
         out = [(k.lower(), v) for k, v in reply.headers if k.lower() not in _DROP_RESPONSE]
         await send({"type": "http.response.start", "status": reply.status, "headers": out})
+        sse = any(k == b"content-type" and v.lower().startswith(b"text/event-stream") for k, v in out)
 
         async def pump() -> None:
-            async for chunk in reply.iter_chunks():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            tail = b"\n\n"  # what the last bytes sent were: an event ends with a blank line
+            try:
+                async for chunk in reply.iter_chunks():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    tail = (tail + chunk)[-4:]
+            except (errors.UpstreamError, errors.UpstreamTimeout) as exc:
+                if not (sse and (tail.endswith((b"\n\n", b"\r\r")) or tail == b"\r\n\r\n")):
+                    raise
+                log.warning("the agent's event stream broke off: %s", exc.message)
+                error = _jsonrpc_error(request_id, INTERNAL_ERROR, f"the agent's stream broke off: {exc.message}")
+                await send({"type": "http.response.body", "body": b"data: " + error + b"\n\n", "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
         async def watch() -> None:

@@ -25,7 +25,7 @@ from a2a.types import (
 )
 
 from router.identity import devtokens
-from tests.support import a2a_agent, servers, trustgraphs
+from tests.support import a2a_agent, asgi, servers, trustgraphs
 
 WAIT_S = 10.0
 
@@ -208,3 +208,53 @@ async def test_unreachable_agent_is_502(router_server: Callable[..., Any], polic
         assert resp.status_code == 502 and resp.json()["error"]["code"] == "upstream_unavailable"
         resp = await http.get(f"{router.url}/a2a/gone/.well-known/agent-card.json")
         assert resp.status_code == 502
+
+
+class BreakingAgent:
+    """An agent whose event stream breaks off: it sends ``sent`` and then its connection is reset
+    (the exception makes uvicorn abort it, with no closing chunk), as a crashed agent's would be."""
+
+    def __init__(self, sent: bytes) -> None:
+        self.sent = sent
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            return await asgi.lifespan(receive, send)
+        await asgi.read_body(receive)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        await send({"type": "http.response.body", "body": self.sent, "more_body": True})
+        raise RuntimeError("the agent crashed")
+
+
+EVENT = b'data: {"jsonrpc":"2.0","id":7,"result":{"kind":"status-update"}}\n\n'
+
+
+@pytest.mark.parametrize("between_events", [True, False])
+async def test_an_event_stream_the_agent_breaks_off(
+    router_server: Callable[..., Any], policy_dir: Path, between_events: bool
+) -> None:
+    """Broken off between two events, the stream ends with a JSON-RPC error event for the request,
+    so the client learns why; inside an event, the reply is aborted (never a truncated event that
+    looks whole)."""
+    sent = EVENT if between_events else EVENT + b'data: {"jsonrpc":"2.0","id":7,"res'
+    with servers.serve(BreakingAgent(sent)) as agent_srv:
+        (policy_dir / "agents.yaml").write_text(a2a_agent_yaml("echo", agent_srv.url + "/"))
+        trustgraphs.Graph().edge("team/caller", "team/echo").write(policy_dir)
+        router = router_server()
+        tok = devtokens.issue(router.app.state.kars.dev_key, "team/caller", audience="kars-router")
+        body = {"jsonrpc": "2.0", "id": 7, "method": "message/stream", "params": {}}
+        async with (
+            httpx.AsyncClient(headers={"Authorization": f"Bearer {tok}"}, timeout=WAIT_S) as http,
+            http.stream("POST", f"{router.url}/a2a/echo", json=body) as resp,
+        ):
+            assert resp.status_code == 200
+            if not between_events:
+                with pytest.raises(httpx.RemoteProtocolError):
+                    await resp.aread()
+                return
+            events = [line[len("data: ") :] async for line in resp.aiter_lines() if line.startswith("data: ")]
+        assert json.loads(events[0])["result"] == {"kind": "status-update"}
+        error = json.loads(events[1])
+        assert (error["id"], error["error"]["code"]) == (7, -32603)
+        assert error["error"]["message"].startswith("the agent's stream broke off")
+        assert len(events) == 2
