@@ -46,17 +46,21 @@ DATA_URL_TOKENS = 1_500  # an inline image: the most a high-detail image costs o
 DEFAULT_OUTPUT_TOKENS = 4_096  # reserved when neither the request nor any policy bounds the output
 MAX_OUTPUT_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 CHOICE_FIELDS = ("n", "best_of")
+# A count larger than this is taken as this: ~a million requests of it fit a signed 64-bit counter
+# (Redis HINCRBY, an SQLite INTEGER), where 10**19 asked once would overflow both.
+MAX_COUNT = 10**12
 MAX_COMPLETION_TOKENS_SINCE = "2024-09-01"  # Azure OpenAI API versions before it know only max_tokens
 CLUSTER_KEY = "*"
 
 
 def _count(value: Any) -> int | None:
     """``value`` as a count: a non-negative integer, also written as a float with no fraction
-    (``100.0``, or ``1e30``, which is how the JSON parser reads an integer past 64 bits)."""
+    (``100.0``, or ``1e30``, which is how the JSON parser reads an integer past 64 bits); at
+    most ``MAX_COUNT``, which no request comes near and every counter store can add up."""
     if type(value) is int:
-        return value if value >= 0 else None
+        return min(value, MAX_COUNT) if value >= 0 else None
     if type(value) is float and value >= 0 and value.is_integer():
-        return int(value)
+        return int(min(value, MAX_COUNT))
     return None
 
 
@@ -103,7 +107,7 @@ def requested_output(body: Any) -> int | None:
             most = count
     if most is None:
         return None
-    return most * _choices(body)
+    return min(most * _choices(body), MAX_COUNT)
 
 
 def _choices(body: dict[str, Any]) -> int:
@@ -161,13 +165,16 @@ def worst_case(action: str, body: Any, policies: Sequence[model.InferencePolicy]
     return WorstCase(prompt, prompt + DEFAULT_OUTPUT_TOKENS, unbounded=True)
 
 
-def over_cap(policies: Sequence[model.InferencePolicy], tokens: int) -> tuple[model.InferencePolicy, int] | None:
-    """The first policy whose ``perRequestTokens`` is below ``tokens``, with that cap."""
+def over_cap(
+    policies: Sequence[model.InferencePolicy], tokens: int
+) -> list[tuple[model.InferencePolicy, model.TokenBudget, int]]:
+    """Every policy whose ``perRequestTokens`` is below ``tokens``: (policy, its budget, the cap), in order."""
+    over = []
     for p in policies:
-        cap = p.spec.token_budget.per_request_tokens if p.spec.token_budget is not None else None
-        if cap is not None and tokens > cap:
-            return p, cap
-    return None
+        budget = p.spec.token_budget
+        if budget is not None and budget.per_request_tokens is not None and tokens > budget.per_request_tokens:
+            over.append((p, budget, budget.per_request_tokens))
+    return over
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

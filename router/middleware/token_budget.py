@@ -166,7 +166,7 @@ class _Budgeted:
     async def run(self, route: inference.InferenceRoute, body: Any, receive: Receive, send: Send) -> None:
         mw, m, plan, now = self.mw, self.mw._metrics, self.plan, self.now
         worst = budgets.worst_case(route.action, body, self.policies)
-        self._check_cap(worst)
+        over_cap = self._check_cap(worst)
         # A request that names no output maximum gets the one it reserves for (budgets: "Bounded output").
         bound = budgets.output_bound(route, self.scope["query_string"], body, worst)
         if bound is not None:
@@ -174,6 +174,9 @@ class _Budgeted:
             _body.rewrite_json(self.scope, {**body, field: tokens})
             self.fields["budgetMaxOutputTokens"] = tokens
         receive = _body.replay(self.scope, receive)
+        if not plan.charges:  # only per-request caps: nothing to count, no store to ask
+            self.fields[LOG_FIELD] = "exceeded" if over_cap else "ok"
+            return await mw.app(self.scope, receive, _flagging(send, b"exceeded") if over_cap else send)
         rid = mw.next_reservation_id()
         deadline = now + base.RESERVATION_TTL_S
         try:
@@ -198,11 +201,12 @@ class _Budgeted:
             child.inc(worst.tokens)
         for line in over:
             m.budget_over_limit_allowed.labels(line.scope, line.span.window).inc()
-        self.fields[LOG_FIELD] = "exceeded" if over else "ok"
+        exceeded = bool(over) or over_cap
+        self.fields[LOG_FIELD] = "exceeded" if exceeded else "ok"
         self.fields["budgetReservedTokens"] = worst.tokens
         cancelled = False
         try:
-            await mw.app(self.scope, receive, _flagging(send, b"exceeded") if over else send)
+            await mw.app(self.scope, receive, _flagging(send, b"exceeded") if exceeded else send)
         except asyncio.CancelledError:
             cancelled = True
             raise
@@ -212,15 +216,21 @@ class _Budgeted:
             # shield costs a task and extra event-loop turns on every request.
             await (asyncio.shield(finish) if cancelled else finish)
 
-    def _check_cap(self, worst: budgets.WorstCase) -> None:
+    def _check_cap(self, worst: budgets.WorstCase) -> bool:
+        """Refuse a request over an enforced ``perRequestTokens``; whether it is over one that is not
+        (``rejectOnExceed: false``: allowed, flagged and counted, as a full budget is)."""
         capped = budgets.over_cap(self.policies, worst.tokens)
-        if capped is None:
-            return
-        policy, cap = capped
-        assert policy.spec.token_budget is not None
+        if not capped:
+            return False
         m = self.mw._metrics
+        enforced = [c for c in capped if c[1].reject_on_exceed]
+        if not enforced:
+            for _, budget, _ in capped:
+                m.budget_over_limit_allowed.labels(budget.scope, "request").inc()
+            return True
+        policy, budget, cap = enforced[0]
         m.budget_rejections.labels("per_request_tokens_exceeded").inc()
-        m.budget_tokens_rejected.labels(policy.spec.token_budget.scope, "request").inc(worst.tokens)
+        m.budget_tokens_rejected.labels(budget.scope, "request").inc(worst.tokens)
         self.fields[LOG_FIELD] = "rejected"
         raise errors.TokenBudgetExceeded(
             f"this request may use up to {worst.tokens} tokens (prompt estimate {worst.prompt} + maximum "

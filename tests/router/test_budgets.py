@@ -66,7 +66,8 @@ def test_numbers_token_arrays_and_inline_images() -> None:
         ({"max_tokens": -1}, None),
         ({"max_tokens": "100"}, None),
         ({"max_tokens": 100.0, "n": 2.0}, 200),  # JSON Schema's integers: what the upstream accepts
-        ({"max_tokens": 1e30}, int(1e30)),  # an integer past 64 bits, as the JSON parser reads it
+        ({"max_tokens": 1e30}, budgets.MAX_COUNT),  # an integer past 64 bits, as the JSON parser reads it
+        ({"max_tokens": 10**19, "n": 10**19}, budgets.MAX_COUNT),  # what a store can still add up
         ({"max_tokens": 1.5}, None),
         ({"max_tokens": float("inf")}, None),
         ({"max_tokens": 10, "n": "many"}, 10),
@@ -91,8 +92,9 @@ def test_worst_case() -> None:
     assert budgets.worst_case("chat", unbounded, [policy(dailyTokens=10)]).tokens == p + budgets.DEFAULT_OUTPUT_TOKENS
     tiny = [policy(perRequestTokens=5, dailyTokens=10)]
     assert budgets.worst_case("chat", unbounded, tiny).tokens == p  # the prompt alone exceeds the cap
-    assert budgets.over_cap(tiny, p) == (tiny[0], 5)
-    assert budgets.over_cap(capped, 500) is None
+    assert budgets.over_cap(tiny, p) == [(tiny[0], tiny[0].spec.token_budget, 5)]
+    assert budgets.over_cap(capped, 500) == []
+    assert [cap for _, _, cap in budgets.over_cap(capped, 901)] == [900, 500]
 
 
 def route(path: str) -> inference.InferenceRoute:

@@ -170,6 +170,35 @@ def test_reject_on_exceed_false_forwards_flags_and_counts(
     ]
 
 
+def test_reject_on_exceed_false_also_lets_a_request_over_the_per_request_cap_through(
+    policy_dir: Path, make_settings: MakeSettings
+) -> None:
+    """rejectOnExceed sits in the tokenBudget beside perRequestTokens: false allows, flags and counts."""
+    write_policy(policy_dir, perRequestTokens=500, dailyTokens=10_000, rejectOnExceed=False)
+    with budget_router(make_settings()) as srv:
+        resp = chat(srv, chat_body(800))
+        assert resp.status_code == 200 and resp.headers["x-kars-budget"] == "exceeded"
+        assert window(budgets_of(srv), "day")["used"] == 800
+        metrics = httpx.get(f"{srv.url}/metrics", timeout=5).text
+        assert 'kars_budget_over_limit_allowed_total{scope="sandbox",window="request"} 1.0' in metrics
+        write_policy(policy_dir, name="strict", perRequestTokens=600)  # enforced: it refuses
+        srv.call(srv.app.state.kars.policy.reload())
+        resp = chat(srv, chat_body(800))
+        assert (resp.status_code, resp.json()["error"]["code"]) == (429, "per_request_tokens_exceeded")
+        assert "strict" in resp.json()["error"]["message"]
+
+
+def test_a_per_request_cap_alone_needs_no_store(policy_dir: Path, make_settings: MakeSettings, dead_port: int) -> None:
+    """A policy with only perRequestTokens keeps no counter: a store outage does not touch it."""
+    write_policy(policy_dir, perRequestTokens=500)
+    down = f"redis://127.0.0.1:{dead_port}/0"
+    with budget_router(make_settings(budgets={"store": "redis", "redisUrl": down})) as srv:
+        resp = chat(srv, chat_body(400))
+        assert resp.status_code == 200 and "x-kars-budget" not in resp.headers
+        assert chat(srv, chat_body(501)).status_code == 429
+        assert srv.transport.calls == 1
+
+
 def test_scopes_share_counters_as_declared(policy_dir: Path, make_settings: MakeSettings) -> None:
     write_policy(policy_dir, name="per-sandbox", dailyTokens=1000)
     write_policy(policy_dir, name="per-namespace", dailyTokens=1500, scope="namespace")
