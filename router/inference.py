@@ -16,6 +16,7 @@ Action = Literal["chat", "responses", "embeddings", "image", "audio", "other"]
 # The action of the endpoint, by the path after the deployment (Azure style) or after /v1.
 _ACTIONS: dict[str, Action] = {
     "chat/completions": "chat",
+    "extensions/chat/completions": "chat",  # "On Your Data" chat, in Azure's earlier preview API versions
     "completions": "chat",  # legacy text completions generate text like chat does
     "responses": "responses",
     "embeddings": "embeddings",

@@ -423,11 +423,19 @@ spec:
 """
 
 
-@pytest.mark.parametrize("path", ["/openai/v1/Chat/Completions", "/openai/deployments/gpt-4o/CHAT/completions"])
-def test_an_endpoint_in_another_case_is_still_budgeted(
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/openai/v1/Chat/Completions",
+        "/openai/deployments/gpt-4o/CHAT/completions",
+        "/openai/deployments/gpt-4o/extensions/chat/completions",  # "On Your Data" (earlier previews)
+    ],
+)
+def test_every_spelling_of_chat_completions_is_budgeted(
     make_settings: Callable[..., Any], tmp_path: Path, policy_dir: Path, path: str
 ) -> None:
-    """Routing that ignores case (ASP.NET's) would serve it as chat completions: so is it budgeted."""
+    """Chat completions however the path spells them (routing that ignores case, as ASP.NET's
+    does, or Azure's "On Your Data" endpoint) are budgeted as chat completions."""
     (policy_dir / "budget.yaml").write_text(CAPPED)
     with foundry_stack(make_settings, tmp_path) as s:
         body = {"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 5000}
