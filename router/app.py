@@ -134,6 +134,7 @@ def build_app(settings: Settings) -> Starlette:
     mcp_gateway = runtime.mcp = mcp_transport.Gateway(settings.mcp, policy, metrics, audit_log)
     budget_store = runtime.budget_store = stores.create(settings.budgets)
     budget_routes = budget_api.BudgetApi(budget_store, policy)
+    budget_retries: set[asyncio.Task[None]] = set()  # settles the store failed, being retried
     operations.ready_checks["budget store reachable"] = budget_routes.ready
     safety = runtime.safety = safety_providers.build(settings.safety)
     mesh_hub = mesh.MeshHub(
@@ -191,6 +192,7 @@ def build_app(settings: Settings) -> Starlette:
             stack.push_async_callback(mcp_gateway.aclose)
             await budget_store.open()
             stack.push_async_callback(budget_store.close)
+            stack.push_async_callback(budget_mw.cancel_retries, budget_retries)  # before the close
             await safety.start()
             stack.push_async_callback(safety.aclose)
             stack.push_async_callback(mesh_hub.aclose)
@@ -251,7 +253,13 @@ def build_app(settings: Settings) -> Starlette:
             shared_replay=stores.shared_claim(budget_store),
         ),
         Middleware(trust_graph.TrustGraphMiddleware, policy=policy, metrics=metrics),
-        Middleware(budget_mw.TokenBudgetMiddleware, store=budget_store, policy=policy, metrics=metrics),
+        Middleware(
+            budget_mw.TokenBudgetMiddleware,
+            store=budget_store,
+            policy=policy,
+            metrics=metrics,
+            retries=budget_retries,
+        ),
         Middleware(safety_mw.ContentSafetyMiddleware, safety=safety, policy=policy, metrics=metrics),
     ]
     own_v1 = frozenset(p for r in routes if (p := getattr(r, "path", "")).startswith("/v1/"))

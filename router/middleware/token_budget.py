@@ -47,6 +47,7 @@ FLAG_HEADER = b"x-kars-budget"
 LOG_FIELD = "budget"  # access-log field: ok | exceeded | rejected | unavailable
 Clock = Callable[[], float]
 MAX_PLANS = 65_536  # cached per-caller plans; a stream of unknown callers cannot grow it further
+RETRY_FIRST_S, RETRY_MAX_S = 0.5, 30.0  # a settle the store could not take is retried, backing off
 
 
 def budget_policies(snapshot: Any, principal: Principal, action: str) -> tuple[model.InferencePolicy, ...]:
@@ -78,6 +79,14 @@ class _Plan:
     until: float
 
 
+async def cancel_retries(retries: set[asyncio.Task[None]]) -> None:
+    """At shutdown, before the store closes: stop the settles still being retried (their
+    reservations are the store's to expire)."""
+    for task in list(retries):
+        task.cancel()
+    await asyncio.gather(*retries, return_exceptions=True)
+
+
 class TokenBudgetMiddleware:
     def __init__(
         self,
@@ -87,6 +96,7 @@ class TokenBudgetMiddleware:
         policy: policy_store.PolicyStore,
         metrics: metrics_mod.Metrics,
         clock: Clock = time.time,
+        retries: set[asyncio.Task[None]] | None = None,
     ) -> None:
         self.app = app
         self._store = store
@@ -98,6 +108,7 @@ class TokenBudgetMiddleware:
         self._plans: dict[tuple[str, str, str], _Plan] = {}
         self._id_prefix = secrets.token_hex(8) + "-"
         self._id_counter = itertools.count(1)
+        self._retries = retries if retries is not None else set()  # the app stops them (cancel_retries)
 
     def plan(self, snapshot: Any, principal: Principal, action: str, now: float) -> _Plan:
         key = (principal.namespace, principal.name, action)
@@ -123,6 +134,33 @@ class TokenBudgetMiddleware:
             self._plans.clear()
         self._plans[key] = plan
         return plan
+
+    def retry_later(self, rid: str, counters: tuple[str, ...], actual: int, deadline: float) -> None:
+        """Settle (or release, ``actual`` 0) reservation ``rid`` again and again until the store
+        takes it or the reservation's deadline passes (then its sweep releases it, uncharged).
+        A store whose finish failed did nothing (memory, SQLite) or can tell a repeat (Redis marks
+        the reservation done, so a finish that landed unanswered is not counted twice)."""
+        task = asyncio.get_running_loop().create_task(self._retry(rid, counters, actual, deadline))
+        self._retries.add(task)
+        task.add_done_callback(self._retries.discard)
+
+    async def _retry(self, rid: str, counters: tuple[str, ...], actual: int, deadline: float) -> None:
+        operation = "settle" if actual else "release"
+        delay = RETRY_FIRST_S
+        while self._clock() + delay < deadline:
+            await asyncio.sleep(delay)
+            try:
+                if actual:
+                    await self._store.settle(rid, counters, actual)
+                else:
+                    await self._store.release(rid, counters)
+            except base.StoreUnavailable:
+                self._metrics.budget_store_errors.labels(operation).inc()
+                delay = min(delay * 2, RETRY_MAX_S)
+                continue
+            log.warning("budget %s of reservation %s done on a retry (%d tokens)", operation, rid, actual)
+            return
+        log.error("budget %s of reservation %s given up: its deadline passed", operation, rid)
 
     def next_reservation_id(self) -> str:
         """Unique across replicas and restarts: a random per-instance prefix and a counter.
@@ -211,7 +249,7 @@ class _Budgeted:
             cancelled = True
             raise
         finally:
-            finish = self._finish(rid, worst.tokens)
+            finish = self._finish(rid, worst.tokens, deadline)
             # A cancelled request still settles (or releases): shielded, then. Only then, as a
             # shield costs a task and extra event-loop turns on every request.
             await (asyncio.shield(finish) if cancelled else finish)
@@ -260,7 +298,7 @@ class _Budgeted:
             },
         )
 
-    async def _finish(self, rid: str, reserved: int) -> None:
+    async def _finish(self, rid: str, reserved: int, deadline: float) -> None:
         st = self.scope["state"]
         usage = st.get(_asgi.USAGE)
         store, plan = self.mw._store, self.plan
@@ -276,9 +314,10 @@ class _Budgeted:
             else:
                 await store.release(rid, plan.counters)
         except base.StoreUnavailable as exc:
-            # The reservation stays until its deadline; then a sweep releases it.
+            # Retried in the background; the reservation holds its place meanwhile.
             self.mw._metrics.budget_store_errors.labels(operation).inc()
-            log.error("budget %s of reservation %s failed: %s", operation, rid, exc)
+            log.error("budget %s of reservation %s failed, retrying: %s", operation, rid, exc)
+            self.mw.retry_later(rid, plan.counters, actual, deadline)
             return
         self.fields["budgetChargedTokens"] = actual
         if actual:

@@ -8,12 +8,15 @@ import re
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 import pytest
 
 from router import settings as settings_mod
+from router.middleware import token_budget as budget_mw
+from router.stores import base as stores_base
 from tests.router.middleware.budget_support import (
     auth,
     budget_router,
@@ -24,6 +27,7 @@ from tests.router.middleware.budget_support import (
     window,
     write_policy,
 )
+from tests.support import waiting
 
 MakeSettings = Callable[..., settings_mod.Settings]
 
@@ -317,3 +321,38 @@ def test_readyz_with_a_reachable_store(policy_dir: Path, make_settings: MakeSett
 def test_unauthenticated_budget_report_is_401(make_settings: MakeSettings) -> None:
     with budget_router(make_settings()) as srv:
         assert httpx.get(f"{srv.url}/v1/budgets", timeout=5).status_code == 401
+
+
+@pytest.mark.parametrize("landed", [False, True])
+def test_a_settle_the_store_failed_is_retried_and_counted_once(
+    policy_dir: Path,
+    make_settings: MakeSettings,
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    landed: bool,
+) -> None:
+    """Redis did not answer the settle (down, or stalled after doing it: ``landed``): the router
+    settles again until it lands, and a settle that had landed is not counted twice. The fault
+    is injected at the store's boundary; the store is the real one on a real Redis."""
+    monkeypatch.setattr(budget_mw, "RETRY_FIRST_S", 0.05)
+    write_policy(policy_dir, dailyTokens=10_000)
+    with budget_router(make_settings(budgets={"store": "redis", "redisUrl": redis_url})) as srv:
+        store = srv.app.state.kars.budget_store
+        real_settle = store.settle
+        calls: list[int] = []
+
+        async def flaky_settle(*args: Any) -> None:
+            calls.append(1)
+            if len(calls) == 1:
+                if landed:
+                    await real_settle(*args)
+                raise stores_base.StoreUnavailable("Redis budget store: TimeoutError")
+            await real_settle(*args)
+
+        monkeypatch.setattr(store, "settle", flaky_settle)
+        assert chat(srv, chat_body(400)).status_code == 200
+        waiting.until(lambda: len(calls) == 2, what="the retried settle")
+        settled = waiting.until(lambda: (d := window(budgets_of(srv), "day"))["reserved"] == 0 and d, what="settle")
+        assert settled["used"] == 400  # once
+        metrics = httpx.get(f"{srv.url}/metrics", timeout=5).text
+        assert 'kars_budget_store_errors_total{operation="settle"} 1.0' in metrics
