@@ -309,11 +309,19 @@ class Controller:
         )
 
     async def on_pod_event(self, event_type: str | None, pod: Mapping[str, Any]) -> None:
-        """A sandbox pod changed: refresh the owner's status; recreate a pod deleted under it."""
+        """A sandbox pod changed: refresh the owner's status; recreate a pod deleted under it.
+
+        The label only finds the sandbox; the pod counts only if the sandbox owns it (by uid).
+        Anyone who can create pods in the namespace can set the label, and a pod of theirs
+        must not make the sandbox look Running and Ready (nor its deletion recreate anything).
+        """
         meta = pod.get("metadata", {})
         ns, name = meta.get("namespace", ""), meta.get("labels", {}).get(builders.SANDBOX_LABEL)
         body = self.index.get(("KarsSandbox", ns, name or ""))
         if body is None or body.get("metadata", {}).get("deletionTimestamp"):
+            return
+        owner = builders.owner_reference(body)
+        if not owner["uid"] or not builders.owned_by(dict(pod), owner):
             return
         try:
             sandbox = self.parse_sandbox(body)
