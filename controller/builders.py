@@ -12,6 +12,8 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
+import re
+from fractions import Fraction
 from typing import Any
 
 from controller import conditions, config
@@ -91,18 +93,49 @@ def _seccomp(defaults: config.SandboxDefaults) -> Body:
     return {"type": "RuntimeDefault"}
 
 
+# A Kubernetes quantity (k8s.io/apimachinery resource.Quantity): a number with a binary-SI,
+# decimal-SI or decimal-exponent suffix.
+_QUANTITY_RE = re.compile(r"^([+-]?(?:\d+\.?\d*|\.\d+))(Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]|[eE][+-]?\d+)?$")
+_SUFFIX = {
+    **{s: Fraction(1024) ** (i + 1) for i, s in enumerate(("Ki", "Mi", "Gi", "Ti", "Pi", "Ei"))},
+    **{s: Fraction(10) ** e for s, e in (("n", -9), ("u", -6), ("m", -3), ("k", 3), ("M", 6), ("G", 9))},
+    **{s: Fraction(10) ** e for s, e in (("T", 12), ("P", 15), ("E", 18))},
+}
+
+
+def quantity(text: str) -> Fraction | None:
+    """The value of a Kubernetes quantity (``"250m"`` -> 1/4, ``"1Gi"`` -> 2**30); ``None`` if it is none."""
+    found = _QUANTITY_RE.match(text.strip())
+    if found is None:
+        return None
+    number, suffix = Fraction(found[1]), found[2] or ""
+    if suffix[:1] in ("e", "E"):
+        return number * Fraction(10) ** int(suffix[1:])
+    return number * _SUFFIX.get(suffix, Fraction(1))
+
+
+def _request_and_limit(
+    request: str | None, limit: str | None, default_request: str, default_limit: str
+) -> tuple[str, str]:
+    """Kubernetes' own convention: a request not given is the limit given; a default never puts
+    the limit below the request, or the request above the limit (the API server refuses a Pod
+    whose request exceeds its limit: 422)."""
+    if limit is not None:
+        return (request if request is not None else limit), limit
+    if request is not None:
+        low, high = quantity(request), quantity(default_limit)
+        return request, (request if low is not None and high is not None and low > high else default_limit)
+    low, high = quantity(default_request), quantity(default_limit)
+    return (default_limit if low is not None and high is not None and low > high else default_request), default_limit
+
+
 def _resources(spec: model.KarsSandboxSpec, defaults: config.SandboxDefaults) -> Body:
     res = spec.resources
+    cpu = _request_and_limit(res.requests.cpu, res.limits.cpu, defaults.cpu_request, defaults.cpu_limit)
+    memory = _request_and_limit(res.requests.memory, res.limits.memory, defaults.memory_request, defaults.memory_limit)
     return {
-        "limits": {
-            "cpu": res.limits.cpu or defaults.cpu_limit,
-            "memory": res.limits.memory or defaults.memory_limit,
-            "ephemeral-storage": defaults.ephemeral_storage_limit,
-        },
-        "requests": {
-            "cpu": res.requests.cpu or defaults.cpu_request,
-            "memory": res.requests.memory or defaults.memory_request,
-        },
+        "limits": {"cpu": cpu[1], "memory": memory[1], "ephemeral-storage": defaults.ephemeral_storage_limit},
+        "requests": {"cpu": cpu[0], "memory": memory[0]},
     }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,67 @@ def test_pod_resources_default_and_override() -> None:
     assert pod["spec"]["containers"][0]["resources"]["limits"]["memory"] == "1073741824"
     with pytest.raises(pydantic.ValidationError):
         sandbox(resources={"limits": {"cpu": True}})
+
+
+@pytest.mark.parametrize(
+    ("resources", "requests", "limits"),
+    [
+        ({}, {"cpu": "100m", "memory": "256Mi"}, {"cpu": "1", "memory": "1Gi"}),
+        # Requests above the default limits: the limits follow the requests.
+        ({"requests": {"cpu": "2", "memory": "2Gi"}}, {"cpu": "2", "memory": "2Gi"}, {"cpu": "2", "memory": "2Gi"}),
+        # Requests below them keep the default limits.
+        (
+            {"requests": {"cpu": "50m", "memory": "64Mi"}},
+            {"cpu": "50m", "memory": "64Mi"},
+            {"cpu": "1", "memory": "1Gi"},
+        ),
+        # A limit alone is the request too (Kubernetes' convention), even below the default request.
+        ({"limits": {"memory": "128Mi"}}, {"cpu": "100m", "memory": "128Mi"}, {"cpu": "1", "memory": "128Mi"}),
+        ({"limits": {"cpu": "4"}}, {"cpu": "4", "memory": "256Mi"}, {"cpu": "4", "memory": "1Gi"}),
+        (
+            {"limits": {"cpu": "500m"}, "requests": {"memory": "1.5Gi"}},
+            {"cpu": "500m", "memory": "1.5Gi"},
+            {"cpu": "500m", "memory": "1.5Gi"},
+        ),
+        # Both given: as written (a request above its limit is the API server's to refuse).
+        (
+            {"limits": {"cpu": "1"}, "requests": {"cpu": "250m"}},
+            {"cpu": "250m", "memory": "256Mi"},
+            {"cpu": "1", "memory": "1Gi"},
+        ),
+        # Numbers and exponents compare by value: 2e9 bytes is more than 1Gi.
+        (
+            {"requests": {"memory": 2000000000}},
+            {"cpu": "100m", "memory": "2000000000"},
+            {"cpu": "1", "memory": "2000000000"},
+        ),
+        ({"requests": {"memory": "1e3"}}, {"cpu": "100m", "memory": "1e3"}, {"cpu": "1", "memory": "1Gi"}),
+    ],
+)
+def test_pod_resources_never_request_more_than_their_limits(
+    resources: dict[str, Any], requests: dict[str, str], limits: dict[str, str]
+) -> None:
+    pod = builders.pod(sandbox(resources=resources), OWNER, config.ControllerSettings())
+    res = pod["spec"]["containers"][0]["resources"]
+    assert res["requests"] == requests
+    assert res["limits"] == {**limits, "ephemeral-storage": "1Gi"}
+    for name in ("cpu", "memory"):
+        assert builders.quantity(res["requests"][name]) <= builders.quantity(res["limits"][name])  # type: ignore[operator]
+
+
+def test_default_requests_above_default_limits_are_capped() -> None:
+    settings = config.ControllerSettings(sandbox=config.SandboxDefaults(cpu_request="2", memory_request="2Gi"))
+    res = builders.pod(sandbox(), OWNER, settings)["spec"]["containers"][0]["resources"]
+    assert res["requests"] == {"cpu": "1", "memory": "1Gi"}
+
+
+def test_quantities() -> None:
+    assert builders.quantity("250m") == Fraction(1, 4)
+    assert builders.quantity("1Gi") == 2**30 == builders.quantity("1073741824")
+    assert builders.quantity("1.5Gi") == 3 * 2**29
+    assert builders.quantity("129e6") == 129_000_000 and builders.quantity("1k") == 1000
+    assert builders.quantity(".5") == Fraction(1, 2)
+    assert builders.quantity("lots") is None and builders.quantity("1Gb") is None
 
 
 def test_pod_runtime_class_and_user_env_wins() -> None:
