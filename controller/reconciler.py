@@ -186,11 +186,13 @@ class Controller:
             judged = {k: r for k, r in judged.items() if r.reason == "Invalid" or self.router is None}
         patches: list[tuple[Key, Body, tuple[str, ...]]] = []
         for key, ready in judged.items():
-            fingerprint = (ready.status, ready.reason, ready.message, ready.digest or "")
-            if self._written.get(key) == fingerprint:
-                continue
             body = self.index[key]
             generation = _generation(body)
+            # The generation too: a spec edit that leaves the digest as it was (a default written
+            # out) must still move observedGeneration on, or the status looks stale for ever.
+            fingerprint = (ready.status, ready.reason, ready.message, ready.digest or "", str(generation))
+            if self._written.get(key) == fingerprint:
+                continue
             conds = conditions.set_condition(
                 body.get("status", {}).get("conditions"),
                 "Ready",

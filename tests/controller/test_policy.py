@@ -243,6 +243,27 @@ async def test_namespaced_controller_serves_its_namespaces_and_the_cluster_scope
         assert projected(cluster, "TrustGraph")[0]["metadata"]["name"] == "mesh"
 
 
+async def test_observed_generation_follows_a_spec_edit_that_keeps_the_digest(
+    cluster: Cluster, run_controller: ControllerFactory
+) -> None:
+    async with run_controller() as ctl:
+        await cluster.create("inferencepolicies", cr("InferencePolicy", "p", {"tokenBudget": {"dailyTokens": 100}}))
+        await wait_until(lambda: ready(cluster, "inferencepolicies", "p"), "Ready")
+        first = ctl.compiled.digests[("InferencePolicy", NS, "p")]
+        await cluster.patch(
+            "inferencepolicies", NS, "p", {"spec": {"tokenBudget": {"scope": "sandbox"}}}
+        )  # the default
+        assert cluster.get("inferencepolicies", NS, "p")["metadata"]["generation"] == 2  # type: ignore[index]
+
+        def caught_up() -> bool:
+            obj = cluster.get("inferencepolicies", NS, "p") or {}
+            cond = ready(cluster, "inferencepolicies", "p") or {}
+            return (obj.get("status") or {}).get("observedGeneration") == 2 and cond.get("observedGeneration") == 2
+
+        await wait_until(caught_up, "observedGeneration 2 on the status and its Ready condition")
+        assert ctl.compiled.digests[("InferencePolicy", NS, "p")] == first
+
+
 async def test_first_projection_holds_every_policy_that_already_exists(
     cluster: Cluster, run_controller: ControllerFactory
 ) -> None:
