@@ -134,7 +134,11 @@ class Kube:
         if created is None:  # exists: keep its annotations (workload identity) in step, if it is ours
             current = self._plain(await _call(f"read {what}", self.core.read_namespaced_service_account(name, ns)))
             _claim(what, current, body)
-            patch = {"metadata": {"annotations": body["metadata"].get("annotations") or {}}}
+            # A merge patch removes a key only when it is set to null: the client id goes when
+            # spec.identity does. Annotations others put on the account are left alone.
+            annotations: dict[str, str | None] = {builders.WORKLOAD_IDENTITY_CLIENT_ID: None}
+            annotations.update(body["metadata"].get("annotations") or {})
+            patch = {"metadata": {"annotations": annotations}}
             await _call(
                 f"patch {what}", self.core.patch_namespaced_service_account(name, ns, patch, _content_type=MERGE_PATCH)
             )

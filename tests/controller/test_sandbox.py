@@ -106,6 +106,24 @@ async def test_sandbox_becomes_a_hardened_pod_service_and_service_account(
         assert _cond(obj, "Suspended")["status"] == "False"  # type: ignore[index]
 
 
+async def test_removing_the_identity_removes_the_client_id_annotation(
+    cluster: Cluster, run_controller: ControllerFactory
+) -> None:
+    async with run_controller():
+        await cluster.create(SANDBOXES, sandbox(identity={"clientId": "00000000-0000-0000-0000-000000000001"}))
+        sa = await wait_until(lambda: cluster.get("serviceaccounts", NS, "agent-1"), "the service account")
+        assert builders.WORKLOAD_IDENTITY_CLIENT_ID in sa["metadata"]["annotations"]
+        await cluster.patch("serviceaccounts", NS, "agent-1", {"metadata": {"annotations": {"other/key": "kept"}}})
+        await cluster.patch(SANDBOXES, NS, "agent-1", {"spec": {"identity": None}})
+
+        def annotations() -> dict[str, str] | None:
+            found = cluster.get("serviceaccounts", NS, "agent-1") or {}
+            got: dict[str, str] = found.get("metadata", {}).get("annotations") or {}
+            return None if builders.WORKLOAD_IDENTITY_CLIENT_ID in got else got
+
+        assert await wait_until(annotations, "the client id annotation removed") == {"other/key": "kept"}
+
+
 async def test_configured_seccomp_profile(cluster: Cluster, run_controller: ControllerFactory) -> None:
     from controller import config
 
