@@ -197,7 +197,12 @@ ROOT_RULES: dict[str, list[dict[str, Any]]] = {
             f"self.metadata.name.matches('{model.SANDBOX_NAME_RE}')",
             "a KarsSandbox names its Service: metadata.name must be an RFC 1035 label "
             f"(lower-case letters, digits and '-', starting with a letter, at most {model.SANDBOX_NAME_MAX})",
-        )
+        ),
+        _rule(
+            " && ".join(f"self.metadata.name != '{name}'" for name in model.SANDBOX_NAMES_RESERVED),
+            "a KarsSandbox names its ServiceAccount, and every namespace already has a ServiceAccount "
+            "'default' that is not the sandbox's: choose another metadata.name",
+        ),
     ],
 }
 

@@ -413,6 +413,9 @@ class TrustGraph(Resource):
 # RFC 1035 label: a KarsSandbox's name is its Service's (and a label value), so it must be one.
 SANDBOX_NAME_RE = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 SANDBOX_NAME_MAX = 63
+# A sandbox's ServiceAccount is named after it, and every namespace already has a ServiceAccount
+# "default" that the sandbox does not own: such a sandbox could never get its own and never run.
+SANDBOX_NAMES_RESERVED = ("default",)
 
 
 class KarsSandbox(Resource):
@@ -426,6 +429,11 @@ class KarsSandbox(Resource):
             raise ValueError(
                 f"metadata.name {name!r}: a KarsSandbox names its Service, so its name must be an RFC 1035 "
                 f"label (lower-case letters, digits and '-', starting with a letter, at most {SANDBOX_NAME_MAX})"
+            )
+        if name in SANDBOX_NAMES_RESERVED:
+            raise ValueError(
+                f"metadata.name {name!r}: a KarsSandbox names its ServiceAccount, and every namespace "
+                "already has a ServiceAccount 'default' that is not the sandbox's; choose another name"
             )
         return self
 

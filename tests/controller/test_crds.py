@@ -166,8 +166,9 @@ def test_sandbox_name_cel_rule_matches_the_model() -> None:
     """A KarsSandbox names its Service: the API server and the router refuse the same names."""
     doc = crds.crd(crds.BY_KIND["KarsSandbox"])
     rules = _rules(doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
-    assert len(rules) == 1
-    names = ["agent-1", "a", "agent.v2", "9agent", "Agent", "agent-", "-agent", "a" * 63, "a" * 64, "a_b"]
+    assert len(rules) == 2
+    names = ["agent-1", "a", "agent.v2", "9agent", "Agent", "agent-", "-agent", "a" * 63, "a" * 64, "a_b", "default"]
+    names += ["default-1", "defaults"]
     verdicts = {}
     for name in names:
         obj = {
@@ -178,7 +179,7 @@ def test_sandbox_name_cel_rule_matches_the_model() -> None:
         }
         assert _cel_accepts(rules, obj) == _model_accepts(model.KarsSandbox, obj), name
         verdicts[name] = _model_accepts(model.KarsSandbox, obj)
-    assert [n for n, ok in verdicts.items() if ok] == ["agent-1", "a", "a" * 63]
+    assert [n for n, ok in verdicts.items() if ok] == ["agent-1", "a", "a" * 63, "default-1", "defaults"]
 
 
 def test_quantities_are_int_or_string() -> None:
