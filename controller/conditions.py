@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 ConditionStatus = Literal["True", "False", "Unknown"]
+MESSAGE_MAX_CHARS = 32768  # the CRDs' maxLength of a condition's message (characters, not bytes)
+TRUNCATED = " … (truncated)"
 SandboxPhase = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended", "Expired"]
 
 
@@ -27,7 +29,7 @@ class Condition(_Status):
     type: str = Field(min_length=1, max_length=316)
     status: ConditionStatus
     reason: str = Field(min_length=1, max_length=1024)
-    message: str = Field(default="", max_length=32768)
+    message: str = Field(default="", max_length=MESSAGE_MAX_CHARS)
     last_transition_time: str
     observed_generation: int | None = Field(default=None, ge=0)
 
@@ -54,6 +56,15 @@ def iso(now: dt.datetime) -> str:
     return now.astimezone(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+def clip(message: str) -> str:
+    """``message`` cut to fit the CRD's maxLength, marked as cut: the API server refuses (422) a
+    whole status patch with one message too long, and the message of a large invalid CR (a
+    TrustGraph's findings, the router's lastError) can be longer."""
+    if len(message) <= MESSAGE_MAX_CHARS:
+        return message
+    return message[: MESSAGE_MAX_CHARS - len(TRUNCATED)] + TRUNCATED
+
+
 def set_condition(
     conditions: list[dict[str, Any]] | None,
     type_: str,
@@ -77,7 +88,7 @@ def set_condition(
         "type": type_,
         "status": status,
         "reason": reason,
-        "message": message,
+        "message": clip(message),
         "lastTransitionTime": iso(now) if changed or previous is None else previous["lastTransitionTime"],
     }
     if generation is not None:

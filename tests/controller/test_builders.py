@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import datetime as dt
 import json
 from fractions import Fraction
@@ -18,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from controller import builders, conditions, config, kube, projection, routerstatus
+from controller import builders, conditions, config, crds, kube, projection, routerstatus
 from controller import cli as controller_cli
 from router.policy import digest, model
 from tests.support import servers
@@ -179,6 +180,27 @@ def test_status_keeps_transition_times_when_nothing_changed() -> None:
     assert ready is not None and ready["status"] == "True" and ready["lastTransitionTime"] == conditions.iso(later)
     suspended = builders.sandbox_status(sandbox(replicas=0).spec, None, running, now=later, generation=4)
     assert suspended["phase"] == "Suspended" and suspended["podName"] is None
+
+
+def test_a_condition_message_always_fits_the_crd() -> None:
+    """A TrustGraph of 600 vertices with a bad key: its Invalid message is longer than the
+    CRD's maxLength, and a status patch holding it would be refused whole (422)."""
+    key = base64.urlsafe_b64encode(b"\x01" * 31).rstrip(b"=").decode()  # 31 bytes: not an Ed25519 key
+    vertices = [{"id": f"team-a/agent-{i}", "publicKeyB64u": key} for i in range(600)]
+    graph = _body("TrustGraph", "mesh", {"vertices": vertices}, namespace=None)
+    compiled = projection.compile_resources([graph])
+    judged = projection.readiness(compiled, {"entries": []}, [("TrustGraph", "", "mesh")])
+    message = judged[("TrustGraph", "", "mesh")].message
+    assert len(message) > conditions.MESSAGE_MAX_CHARS
+    (cond,) = conditions.set_condition(None, "Ready", "False", "Invalid", message, now=NOW)
+    assert len(cond["message"]) == conditions.MESSAGE_MAX_CHARS and cond["message"].endswith(conditions.TRUNCATED)
+    assert cond["message"].startswith(message[:1000])
+    conditions.Condition.model_validate(cond)  # the model the CRD's status schema is made from
+    crd = crds.crd(crds.BY_KIND["TrustGraph"])["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    limit = crd["properties"]["status"]["properties"]["conditions"]["items"]["properties"]["message"]["maxLength"]
+    assert limit == conditions.MESSAGE_MAX_CHARS
+    (short,) = conditions.set_condition(None, "Ready", "True", "Loaded", "ok", now=NOW)
+    assert short["message"] == "ok"
 
 
 def _body(kind: str, name: str, spec: dict[str, Any], namespace: str | None = "ns") -> dict[str, Any]:
