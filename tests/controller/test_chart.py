@@ -4,6 +4,7 @@ least-privilege RBAC, and a router config the router itself accepts."""
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 from typing import Any
@@ -192,7 +193,40 @@ def test_a_default_install_brings_the_redis_its_router_names() -> None:
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     (cm,) = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"] == "kars-router-config"]
     budgets = yaml.safe_load(cm["data"]["router.yaml"])["budgets"]
-    assert budgets == {"store": "redis", "redisUrl": "redis://kars-redis:6379/0"}
+    assert budgets == {"store": "redis"}  # the URL carries the password: it comes from the Secret, not here
+    (router,) = [d for d in by_kind(docs, "Deployment") if d["metadata"]["name"] == "kars-router"]
+    env = {e["name"]: e for e in router["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["KARS_BUDGETS_REDIS_URL"]["value"] == "redis://:$(REDIS_PASSWORD)@kars-redis:6379/0"
+    password_ref = {"secretKeyRef": {"name": "kars-redis", "key": "password"}}
+    assert env["REDIS_PASSWORD"]["valueFrom"] == password_ref
+    assert list(env).index("REDIS_PASSWORD") < list(env).index(
+        "KARS_BUDGETS_REDIS_URL"
+    )  # $(VAR) sees only earlier ones
+
+
+def test_the_charts_redis_wants_a_password_and_admits_only_the_router() -> None:
+    """Anyone who reaches the budget counters can wipe them (FLUSHALL): Redis requires a password
+    from a Secret, and a NetworkPolicy admits only the router pods to its port."""
+    docs = render()
+    (redis,) = [d for d in by_kind(docs, "Deployment") if d["metadata"]["name"] == "kars-redis"]
+    container = redis["spec"]["template"]["spec"]["containers"][0]
+    args = container["args"]
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)" and "--protected-mode" not in args
+    (password,) = container["env"]
+    assert password["name"] == "REDIS_PASSWORD"
+    assert password["valueFrom"] == {"secretKeyRef": {"name": "kars-redis", "key": "password"}}
+    (secret,) = [d for d in by_kind(docs, "Secret") if d["metadata"]["name"] == "kars-redis"]
+    assert len(base64.b64decode(secret["data"]["password"])) >= 32
+    (policy,) = by_kind(docs, "NetworkPolicy")
+    (router,) = [d for d in by_kind(docs, "Deployment") if d["metadata"]["name"] == "kars-router"]
+    assert policy["spec"]["podSelector"]["matchLabels"] == redis["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = policy["spec"]["ingress"]
+    (source,) = rule["from"]
+    assert source == {"podSelector": {"matchLabels": router["spec"]["selector"]["matchLabels"]}}
+    assert rule["ports"] == [{"protocol": "TCP", "port": 6379}]
+    for own in ({"router": {"budgets": {"redisUrl": "rediss://cache.example:6380/0"}}}, VARIANTS["api-key-sqlite"]):
+        assert not by_kind(render(own), "NetworkPolicy"), own
     for own in (
         {"router": {"budgets": {"redisUrl": "rediss://cache.example:6380/0"}}},
         VARIANTS["namespaced-monitored"],  # a Secret names the URL
