@@ -38,8 +38,8 @@ def _no_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = F
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
 
 
-def render(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    manifests = helm.Chart.load(CHART).render(values or {}, name="kars", namespace=NAMESPACE, is_install=True)
+def render(values: dict[str, Any] | None = None, *, release: str = "kars") -> list[dict[str, Any]]:
+    manifests = helm.Chart.load(CHART).render(values or {}, name=release, namespace=NAMESPACE, is_install=True)
     docs: list[dict[str, Any]] = []
     for path, text in manifests.items():
         if not path.endswith(".yaml"):
@@ -273,3 +273,19 @@ def test_router_deployment_mounts_policy_and_wires_identity() -> None:
     (cm,) = [d for d in by_kind(moved, "ConfigMap") if d["metadata"]["name"] == "kars-router-config"]
     assert yaml.safe_load(cm["data"]["router.yaml"])["identity"]["audience"] == "my-aud"
     assert by_kind(docs, "ServiceMonitor")[0]["spec"]["endpoints"][0]["path"] == "/metrics"
+
+
+def test_a_long_release_name_still_gives_valid_names() -> None:
+    """Service names are DNS-1035 labels (at most 63 characters), and the controller must ask
+    the headless Service by the name it really has."""
+    release = "team-platform-agents-gateway-production-eastus2-01"  # 50 characters, a legal release name
+    docs = render(release=release)
+    for doc in docs:
+        if doc["kind"] in ("Service", "Deployment", "NetworkPolicy", "PodDisruptionBudget"):
+            assert len(doc["metadata"]["name"]) <= 63, doc["metadata"]["name"]
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    (headless,) = [d for d in by_kind(docs, "Service") if d["spec"].get("clusterIP") == "None"]
+    assert headless["metadata"]["name"].endswith("-router-replicas")
+    (controller,) = [d for d in by_kind(docs, "Deployment") if d["metadata"]["name"].endswith("-controller")]
+    args = controller["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert f"--router-replicas-url=http://{headless['metadata']['name']}.{NAMESPACE}.svc:8443" in args

@@ -8,6 +8,8 @@
 {{- end -}}
 
 {{- define "kars.router" -}}{{ include "kars.fullname" . | trunc 56 | trimSuffix "-" }}-router{{- end -}}
+{{- /* Service names are DNS-1035 labels (at most 63): each base is cut so its suffix fits. */ -}}
+{{- define "kars.routerReplicas" -}}{{ include "kars.fullname" . | trunc 47 | trimSuffix "-" }}-router-replicas{{- end -}}
 {{- define "kars.controller" -}}{{ include "kars.fullname" . | trunc 52 | trimSuffix "-" }}-controller{{- end -}}
 {{- define "kars.adminSecret" -}}
 {{- .Values.admin.existingSecret | default (printf "%s-admin" (include "kars.fullname" .)) -}}
