@@ -106,6 +106,17 @@ def test_bad_values_are_refused_by_the_schema(bad: dict[str, Any]) -> None:
         helm.Chart.load(CHART).render(bad, name="kars", namespace=NAMESPACE)
 
 
+def test_a_redis_store_with_no_redis_is_refused() -> None:
+    """redis.deploy false and no URL or Secret would render a router pointed at a Redis that is not there."""
+    with pytest.raises(helm.HelmError, match="but no Redis is named"):
+        helm.Chart.load(CHART).render({"redis": {"deploy": False}}, name="kars", namespace=NAMESPACE)
+    for fine in (
+        {"redis": {"deploy": False}, "router": {"budgets": {"redisUrlSecret": {"name": "redis"}}}},
+        {"redis": {"deploy": False}, "router": {"replicas": 1, "budgets": {"store": "sqlite"}}},
+    ):
+        assert not [d for d in render(fine) if "redis" in d["metadata"]["name"]], fine
+
+
 def test_lint_is_clean() -> None:
     report = helm.lint(CHART, strict=True, namespace=NAMESPACE)
     assert report["errors"] == [], report
@@ -231,7 +242,7 @@ def test_the_charts_redis_wants_a_password_and_admits_only_the_router() -> None:
         {"router": {"budgets": {"redisUrl": "rediss://cache.example:6380/0"}}},
         VARIANTS["namespaced-monitored"],  # a Secret names the URL
         VARIANTS["api-key-sqlite"],
-        {"redis": {"deploy": False}},
+        {"redis": {"deploy": False}, "router": {"budgets": {"redisUrl": "rediss://cache.example:6380/0"}}},
     ):
         names = {d["metadata"]["name"] for d in render(own)}
         assert "kars-redis" not in names, own
