@@ -17,6 +17,7 @@ import yaml
 
 from controller import crds
 from router import settings as router_settings
+from router.policy import model
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "kars"
 KUBERNETES_VERSION = "1.33.0"
@@ -115,6 +116,32 @@ def test_a_redis_store_with_no_redis_is_refused() -> None:
         {"redis": {"deploy": False}, "router": {"replicas": 1, "budgets": {"store": "sqlite"}}},
     ):
         assert not [d for d in render(fine) if "redis" in d["metadata"]["name"]], fine
+
+
+PROXIES = ["10.0.0.0/8", "10.0.0.1", "::1/128", "fd00::/8", "2001:db8::1", "::", "::ffff:10.0.0.0/104"]
+PROXIES += ["1:2:3:4:5:6:7:8/64", "1.2.3.4/33", "256.0.0.0/8", "not-a-cidr", "10.0.0.0/8 ", "fe80::1::2"]
+PROXIES += ["1:2:3:4:5:6:7:8:9", "", "10.0.0/8", "2001:db8::/129", "10.0.0.0/8,10.1.0.0/16"]
+
+
+def test_trusted_proxies_are_addresses_or_cidrs_the_router_takes() -> None:
+    """A value the router refuses would render, then crash-loop every router pod."""
+    items = _schema()["properties"]["router"]["properties"]["identity"]["properties"]["trustedProxies"]["items"]
+    for proxy in PROXIES:
+        try:
+            model.cidr(proxy)
+            router_takes = True
+        except ValueError:
+            router_takes = False
+        schema_takes = jsonschema.Draft7Validator(items).is_valid(proxy)
+        assert schema_takes == router_takes, proxy
+    with pytest.raises(helm.HelmError, match="trustedProxies"):
+        render({"router": {"identity": {"trustedProxies": ["not-a-cidr"]}}})
+    (cm,) = [
+        d
+        for d in by_kind(render({"router": {"identity": {"trustedProxies": ["10.0.0.0/8", "fd00::/8"]}}}), "ConfigMap")
+        if d["metadata"]["name"] == "kars-router-config"
+    ]
+    assert yaml.safe_load(cm["data"]["router.yaml"])["identity"]["trustedProxies"] == ["10.0.0.0/8", "fd00::/8"]
 
 
 def test_lint_is_clean() -> None:
