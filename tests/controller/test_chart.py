@@ -100,6 +100,8 @@ def test_default_values_validate_against_the_schema() -> None:
         {"router": {"budgets": {"store": "sqlite"}}},  # two replicas would not share per-pod counters
         {"router": {"budgets": {"store": "memory"}, "replicas": 3}},
         {"router": {"a2a": {"publicUrls": ["agents.example.com"]}}},
+        {"router": {"podDisruptionBudget": {"maxUnavailable": 0}}},  # would block every node drain
+        {"router": {"podDisruptionBudget": {"maxUnavailable": "0%"}}},
     ],
 )
 def test_bad_values_are_refused_by_the_schema(bad: dict[str, Any]) -> None:
@@ -327,3 +329,25 @@ def test_a_long_release_name_still_gives_valid_names() -> None:
     (controller,) = [d for d in by_kind(docs, "Deployment") if d["metadata"]["name"].endswith("-controller")]
     args = controller["spec"]["template"]["spec"]["containers"][0]["args"]
     assert f"--router-replicas-url=http://{headless['metadata']['name']}.{NAMESPACE}.svc:8443" in args
+
+
+def _pdb(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (pdb,) = by_kind(docs, "PodDisruptionBudget")
+    spec: dict[str, Any] = pdb["spec"]
+    return spec
+
+
+def test_the_router_pdb_never_blocks_a_node_drain() -> None:
+    """maxUnavailable: 1 keeps all routers but one through a drain and lets a drain evict the only
+    one at replicas: 1 (minAvailable: 1 there made every drain wait for ever)."""
+    selector = {"matchLabels": {"app.kubernetes.io/name": "kars-router", "app.kubernetes.io/instance": "kars"}}
+    assert _pdb(render()) == {"maxUnavailable": 1, "selector": selector}
+    assert _pdb(render(VARIANTS["api-key-sqlite"])) == {"maxUnavailable": 1, "selector": selector}  # replicas: 1
+    assert _pdb(render({"router": {"podDisruptionBudget": {"minAvailable": 1}}})) == {
+        "minAvailable": 1,
+        "selector": selector,
+    }
+    assert _pdb(render({"router": {"podDisruptionBudget": {"minAvailable": "50%"}}}))["minAvailable"] == "50%"
+    with pytest.raises(helm.HelmError, match="would block every node drain"):
+        render({"router": {"replicas": 2, "podDisruptionBudget": {"minAvailable": 2}}})
+    assert not by_kind(render({"router": {"podDisruptionBudget": {"enabled": False}}}), "PodDisruptionBudget")
