@@ -333,14 +333,16 @@ def test_no_endpoint_is_503_upstream_not_configured(router_server: Callable[...,
     assert caught.value.body["code"] == "upstream_not_configured"  # type: ignore[index]
 
 
-BUDGET = """\
-apiVersion: kars.azure.com/v1alpha1
-kind: InferencePolicy
-metadata: {name: budget, namespace: team-a}
-spec:
-  appliesTo: {action: "*"}
-  tokenBudget: {dailyTokens: 100000}
-"""
+def budget_policy(name: str, token_budget: str) -> str:
+    """An InferencePolicy for every action of team-a with ``token_budget`` (YAML flow mapping)."""
+    return (
+        "apiVersion: kars.azure.com/v1alpha1\nkind: InferencePolicy\n"
+        f"metadata: {{name: {name}, namespace: team-a}}\n"
+        f'spec:\n  appliesTo: {{action: "*"}}\n  tokenBudget: {token_budget}\n'
+    )
+
+
+BUDGET = budget_policy("budget", "{dailyTokens: 100000}")
 
 
 def test_usage_settles_the_token_budget(make_settings: Callable[..., Any], tmp_path: Path, policy_dir: Path) -> None:
@@ -413,14 +415,7 @@ def test_a_path_with_empty_or_dot_segments_is_404_and_never_forwarded(stack: Sta
     assert stack.fake.requests == []
 
 
-CAPPED = """\
-apiVersion: kars.azure.com/v1alpha1
-kind: InferencePolicy
-metadata: {name: capped, namespace: team-a}
-spec:
-  appliesTo: {action: "*"}
-  tokenBudget: {perRequestTokens: 100}
-"""
+CAPPED = budget_policy("capped", "{perRequestTokens: 100}")
 
 
 @pytest.mark.parametrize(
