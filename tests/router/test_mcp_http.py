@@ -444,14 +444,15 @@ def test_a_2025_03_26_batch_is_answered_on_one_stream(start: Callable[..., Any])
 
 
 class RecordingUpstream:
-    """The SDK upstream behind a wrapper that keeps every request body it read (what reached it)."""
+    """The SDK upstream behind a wrapper that keeps the body of every POST it read: the messages
+    that reached it (the session's GET stream, opened whenever the router gets to it, is not one)."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
         self.bodies: list[bytes] = []
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
 
         async def recording() -> Any:
@@ -531,7 +532,7 @@ def test_a_tool_that_outlasts_the_read_timeout_fails_alone(
         assert answer["id"] == 21 and answer["error"]["code"] == -32007
         assert answer["error"]["message"] == "upstream stopped sending for 0.5 s"
         cancel = {"requestId": 21, "reason": "upstream stopped sending for 0.5 s"}
-        sent = [json.loads(body) for body in upstream.bodies if body]
+        sent = [json.loads(body) for body in upstream.bodies]
         assert {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": cancel} in sent
         (echoed,) = sse_messages(call(router, session, "echo", {"text": "after"}, rid=22))
         assert echoed["result"]["content"][0]["text"] == "after"
