@@ -13,6 +13,7 @@ import difflib
 import ipaddress
 import os
 import re
+import types
 import typing
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -48,13 +49,13 @@ class _Section(BaseModel):
     )
 
 
-def _check_sandbox(value: str | None) -> str | None:
+def check_sandbox(value: str | None) -> str | None:
     if value is not None and not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[a-z0-9]([-a-z0-9.]*[a-z0-9])?", value):
         raise ValueError(f"{value!r} is not NAMESPACE/NAME")
     return value
 
 
-SandboxId = Annotated[str, pydantic.AfterValidator(_check_sandbox)]
+SandboxId = Annotated[str, pydantic.AfterValidator(check_sandbox)]
 
 
 def _check_cidr(value: str) -> str:
@@ -79,6 +80,23 @@ def _check_base_url(value: str) -> str:
 BaseUrl = Annotated[str, pydantic.AfterValidator(_check_base_url)]
 
 
+def _url_of(*schemes: str) -> pydantic.AfterValidator:
+    """An absolute URL with one of ``schemes`` and a host: refused at start, not at the first call."""
+
+    def check(value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in schemes or not parts.hostname:
+            raise ValueError(f"{value!r} is not a {'/'.join(schemes)} URL (scheme://host[:port]/...)")
+        return value
+
+    return pydantic.AfterValidator(check)
+
+
+HttpUrl = Annotated[str, _url_of("http", "https")]
+WsUrl = Annotated[str, _url_of("ws", "wss")]
+RedisUrl = Annotated[str, _url_of("redis", "rediss", "unix")]
+
+
 class ServerSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=DEFAULT_PORT, ge=0, le=65535)
@@ -93,7 +111,7 @@ class PolicySettings(_Section):
 
 
 class FoundrySettings(_Section):
-    endpoint: str | None = None
+    endpoint: HttpUrl | None = None
     api_key_file: Path | None = None
     credential: Literal["workload", "managed", "default", "none"] | None = None
     scope: str = DEFAULT_SCOPE
@@ -110,7 +128,7 @@ class FoundrySettings(_Section):
 class BudgetSettings(_Section):
     store: Literal["memory", "sqlite", "redis"] = "sqlite"
     sqlite_path: Path = Path("./kars-budgets.db")
-    redis_url: str | None = None
+    redis_url: RedisUrl | None = None
 
     @pydantic.model_validator(mode="after")
     def _redis_needs_url(self) -> BudgetSettings:
@@ -148,7 +166,7 @@ class LocalFloor(_Section):
 
 class SafetySettings(_Section):
     floor: model.SafetyFloor = Field(default_factory=model.SafetyFloor)
-    content_safety_endpoint: str | None = None
+    content_safety_endpoint: HttpUrl | None = None
     content_safety_key_file: Path | None = None
     # azure-identity credential for Content Safety when there is no key file
     content_safety_credential: Literal["workload", "managed", "default"] = "default"
@@ -157,7 +175,7 @@ class SafetySettings(_Section):
 
 
 class IdentitySettings(_Section):
-    jwks_url: str | None = None
+    jwks_url: HttpUrl | None = None
     jwks_ca_file: Path | None = None  # CA bundle for the JWKS endpoint (the cluster CA in-cluster)
     jwks_token_file: Path | None = None  # bearer for the JWKS endpoint (the router's own SA token)
     issuer: str | None = None
@@ -172,7 +190,7 @@ class AdminSettings(_Section):
 
 
 class MeshSettings(_Section):
-    relay_url: str | None = None
+    relay_url: WsUrl | None = None
     pair_timeout_s: float = Field(default=30, gt=0)
 
 
@@ -262,11 +280,19 @@ def _text_paths() -> set[tuple[str, ...]]:
         for part in path[:-1]:
             cls = next(f.annotation for f in cls.model_fields.values() if (f.alias or "") == part)  # type: ignore[assignment]
         field = next(f for f in cls.model_fields.values() if f.alias == path[-1])
-        if field.annotation is not None and all(
-            a in (str, Path, type(None)) for a in (typing.get_args(field.annotation) or (field.annotation,))
-        ):
+        if field.annotation is not None and _is_text(field.annotation):
             out.add(path)
     return out
+
+
+def _is_text(annotation: Any) -> bool:
+    """``str``, ``Path``, optional or constrained (``Annotated``) ones; not a list of them."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _is_text(typing.get_args(annotation)[0])
+    if origin is typing.Union or origin is types.UnionType:
+        return all(a is type(None) or _is_text(a) for a in typing.get_args(annotation))
+    return annotation in (str, Path)
 
 
 def _env_value(raw: str, *, text: bool) -> Any:

@@ -67,6 +67,32 @@ def test_public_urls_are_http_base_urls() -> None:
             settings.load(environ={"KARS_A2A_PUBLIC_URLS": f"['{bad}']"})
 
 
+def test_list_settings_are_set_from_the_environment() -> None:
+    env = {"KARS_MCP_ALLOWED_ORIGINS": "[http://a.example]", "KARS_A2A_JKU_ALLOWED_HOSTS": "[keys.example.com]"}
+    s = settings.load(environ=env)
+    assert (s.mcp.allowed_origins, s.a2a.jku_allowed_hosts) == (["http://a.example"], ["keys.example.com"])
+
+
+@pytest.mark.parametrize(
+    ("var", "key", "bad", "kind"),
+    [
+        ("KARS_FOUNDRY_ENDPOINT", "foundry.endpoint", "not-a-url", "http/https"),
+        ("KARS_FOUNDRY_ENDPOINT", "foundry.endpoint", "ftp://x.example", "http/https"),
+        ("KARS_IDENTITY_JWKS_URL", "identity.jwksUrl", "notaurl", "http/https"),
+        ("KARS_SAFETY_CONTENT_SAFETY_ENDPOINT", "safety.contentSafetyEndpoint", "notaurl", "http/https"),
+        ("KARS_MESH_RELAY_URL", "mesh.relayUrl", "https://relay.example", "ws/wss"),
+        ("KARS_BUDGETS_REDIS_URL", "budgets.redisUrl", "notaurl", "redis/rediss/unix"),
+    ],
+)
+def test_a_malformed_url_is_refused_at_start(var: str, key: str, bad: str, kind: str) -> None:
+    """Not at the first call (a router that said it was ready and answered every call 502)."""
+    env = {"KARS_BUDGETS_STORE": "redis", "KARS_BUDGETS_REDIS_URL": "redis://r:6379/0"}  # a store to check
+    env[var] = bad
+    with pytest.raises(settings.SettingsError) as info:
+        settings.load(environ=env)
+    assert f"{key}: '{bad}' is not a {kind} URL" in "\n".join(info.value.lines)
+
+
 def test_bad_files_and_cross_checks(tmp_path: Path) -> None:
     with pytest.raises(settings.SettingsError, match="cannot read"):
         settings.load(tmp_path / "missing.yaml", environ={})
