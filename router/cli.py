@@ -69,7 +69,11 @@ def cmd_router(args: argparse.Namespace) -> int:
         },
     )
     logs.configure(settings.log.level)
-    application = app_mod.build_app(settings)
+    try:
+        application = app_mod.build_app(settings)
+    except devtokens.KeyFileError as exc:
+        print(f"kars: identity.devKeyFile: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     ident = settings.identity
     if ident.jwks_url is None and settings.server.sandbox is None and ident.dev_sandbox:
         token = devtokens.issue(
@@ -93,12 +97,12 @@ def cmd_token_issue(args: argparse.Namespace) -> int:
     settings = _settings(args, {})
     try:
         ttl = devtokens.parse_ttl(args.ttl)
-        sandbox = settings_mod.ServerSettings(sandbox=args.sandbox).sandbox
-    except ValueError as exc:
+        sandbox = settings_mod.check_sandbox(args.sandbox)
+        key = devtokens.load_or_create_key(settings.identity.dev_key_file)
+    except (ValueError, devtokens.KeyFileError) as exc:
         print(f"kars: {exc}", file=sys.stderr)
         return EXIT_USAGE
     assert sandbox is not None
-    key = devtokens.load_or_create_key(settings.identity.dev_key_file)
     print(devtokens.issue(key, sandbox, audience=settings.identity.audience, ttl=ttl))
     return 0
 

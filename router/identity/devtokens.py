@@ -24,6 +24,7 @@ ISSUER = "kars-router"
 ALGORITHM = "EdDSA"
 DEFAULT_TTL = dt.timedelta(hours=1)
 DEV_TTL = dt.timedelta(hours=24)  # the token `kars router` prints at start
+MAX_TTL = dt.timedelta(days=366)  # `kars token issue --ttl`: a year, for CI secrets; no more
 
 
 class KeyFileError(Exception):
@@ -39,11 +40,16 @@ def load_or_create_key(path: Path) -> ed25519.Ed25519PrivateKey:
         pem = key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(pem)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(pem)
+        except OSError as exc:
+            raise KeyFileError(f"{path}: cannot create the key: {exc.strerror or exc}") from exc
         return key
+    except OSError as exc:  # a directory, no permission, ...
+        raise KeyFileError(f"{path}: cannot read the key: {exc.strerror or exc}") from exc
     try:
         loaded = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
@@ -94,6 +100,9 @@ def issue(
 def parse_ttl(text: str) -> dt.timedelta:
     """``90s``, ``15m``, ``1h``, ``7d`` -> timedelta."""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    if len(text) < 2 or text[-1] not in units or not text[:-1].isdigit() or int(text[:-1]) <= 0:
+    if len(text) < 2 or text[-1] not in units or not (text[:-1].isascii() and text[:-1].isdigit()):
         raise ValueError(f"{text!r} is not a duration like 90s, 15m, 1h or 7d")
-    return dt.timedelta(seconds=int(text[:-1]) * units[text[-1]])
+    seconds = int(text[:-1]) * units[text[-1]]
+    if not 0 < seconds <= MAX_TTL.total_seconds():
+        raise ValueError(f"{text!r}: a token lives more than 0s and at most {MAX_TTL.days}d")
+    return dt.timedelta(seconds=seconds)

@@ -125,10 +125,55 @@ def test_token_issue_refuses_bad_input(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("KARS_IDENTITY_DEV_KEY_FILE", str(tmp_path / "key.pem"))
-    assert cli.main(["token", "issue", "--sandbox", "no-slash"]) == 2
-    assert cli.main(["token", "issue", "--sandbox", "a/b", "--ttl", "forever"]) == 2
+    refused = {
+        ("--sandbox", "no-slash"): "kars: 'no-slash' is not NAMESPACE/NAME\n",
+        ("--sandbox", "a/b", "--ttl", "forever"): "kars: 'forever' is not a duration like 90s, 15m, 1h or 7d\n",
+        (
+            "--sandbox",
+            "a/b",
+            "--ttl",
+            "99999999999d",
+        ): "kars: '99999999999d': a token lives more than 0s and at most 366d\n",
+        ("--sandbox", "a/b", "--ttl", "0s"): "kars: '0s': a token lives more than 0s and at most 366d\n",
+    }
+    for args, message in refused.items():
+        assert cli.main(["token", "issue", *args]) == 2
+        assert capsys.readouterr().err == message  # one line, no traceback
+
+
+@pytest.mark.parametrize("problem", ["garbage", "directory", "unwritable"])
+def test_a_dev_key_that_cannot_be_used_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, problem: str
+) -> None:
+    key = tmp_path / "key.pem"
+    if problem == "garbage":
+        key.write_text("garbage")
+    elif problem == "directory":
+        key.mkdir()
+    else:
+        key = Path("/proc/nope/key.pem")  # its directory cannot be created
+    monkeypatch.setenv("KARS_IDENTITY_DEV_KEY_FILE", str(key))
+    assert cli.main(["token", "issue", "--sandbox", "a/b"]) == 2
     err = capsys.readouterr().err
-    assert "is not NAMESPACE/NAME" in err and "is not a duration" in err
+    assert err.startswith(f"kars: {key}: ") and err.count("\n") == 1
+
+
+def test_router_refuses_a_dev_key_it_cannot_use_with_one_line(tmp_path: Path) -> None:
+    (tmp_path / "key.pem").write_text("garbage")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KARS_")}
+    env["KARS_IDENTITY_DEV_KEY_FILE"] = str(tmp_path / "key.pem")
+    proc = subprocess.run(
+        [sys.executable, "-m", "router", "router", "--policy-dir", str(ROOT / "examples")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert (proc.returncode, proc.stderr) == (
+        2,
+        f"kars: identity.devKeyFile: {tmp_path / 'key.pem'}: not a PEM private key\n",
+    )
 
 
 def test_key_file_that_is_not_ed25519(tmp_path: Path) -> None:
