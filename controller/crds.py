@@ -186,6 +186,8 @@ FIELD_EXTRAS: dict[tuple[str, str], dict[str, Any]] = {
     ("Condition", "lastTransitionTime"): DATE_TIME,
     ("PolicyStatus", "conditions"): {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     ("SandboxStatus", "conditions"): {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    # One key a vertex: the API server refuses a second entry with the same id, as the model does.
+    ("TrustGraphSpec", "vertices"): {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["id"]},
 }
 
 

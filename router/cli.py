@@ -108,23 +108,31 @@ def cmd_token_issue(args: argparse.Namespace) -> int:
 
 
 def cmd_policy_validate(args: argparse.Namespace) -> int:
-    from router.policy import load, snapshot
+    import datetime as dt
+
+    from router.policy import load, model, snapshot, trustgraph
 
     settings = _settings(args, {})
     result = load.load_dir(args.dir)
     lines = result.lines()
+    warnings: list[str] = []
     seen: dict[tuple[str, str, str], load.Source] = {}
+    now = dt.datetime.now(dt.UTC)
     for loaded in result.resources:
         for problem in snapshot.semantic_errors(loaded.resource, settings.safety.floor):
             lines.append(f"{loaded.source}: {problem}")
         if loaded.resource.key in seen:
             lines.append(f"{loaded.source}: (document): duplicate of {seen[loaded.resource.key]}")
         seen.setdefault(loaded.resource.key, loaded.source)
-    for line in lines:
+        if isinstance(loaded.resource, model.TrustGraph):
+            # Valid, but an edge that does not count loads as a warning, as the router reports it.
+            warnings.extend(f"{loaded.source}: warning: {gone}" for gone in trustgraph.verify(loaded.resource, now)[1])
+    for line in [*lines, *warnings]:
         print(line)
     if lines:
         return EXIT_INVALID
-    print(f"ok: {len(result.resources)} resources in {args.dir}", file=sys.stderr)
+    noted = f", {len(warnings)} warnings" if warnings else ""
+    print(f"ok: {len(result.resources)} resources in {args.dir}{noted}", file=sys.stderr)
     return 0
 
 

@@ -54,15 +54,24 @@ def _b64u_decode(value: str) -> bytes:
         raise ValueError("not valid base64url") from exc
 
 
+# RFC 3339 §5.6 date-time, as the API server's date-time format reads it: "T" and "Z" in either
+# case, seconds required, a fraction of any length, an offset required.
+_RFC3339 = re.compile(r"(\d{4}-\d{2}-\d{2})[Tt](\d{2}:\d{2}:\d{2})(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
+
+
 def parse_timestamp(value: str) -> dt.datetime:
     """RFC 3339 timestamp with an explicit offset (``Z`` or ``+hh:mm``)."""
+    match = _RFC3339.fullmatch(value)
+    if match is None:
+        if _RFC3339.fullmatch(value + "Z"):
+            raise ValueError(f"timestamp needs a UTC offset: {value!r}")
+        raise ValueError(f"not an RFC 3339 timestamp: {value!r}")
+    day, time, fraction, offset = match.groups()
+    fraction = (fraction or "")[:7]  # Python keeps microseconds: the rest is cut, not refused
     try:
-        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError as exc:
+        return dt.datetime.fromisoformat(f"{day}T{time}{fraction}{'+00:00' if offset in 'Zz' else offset}")
+    except ValueError as exc:  # 2030-02-30, 25:00:00, ...
         raise ValueError(f"not an RFC 3339 timestamp: {value!r}") from exc
-    if parsed.tzinfo is None:
-        raise ValueError(f"timestamp needs a UTC offset: {value!r}")
-    return parsed
 
 
 def _check_timestamp(value: str | None) -> str | None:
@@ -292,6 +301,15 @@ class TrustGraphSpec(Strict):
     vertices: list[Vertex] = Field(default_factory=list)
     edges: list[Edge] = Field(default_factory=list)
     min_score: int = Field(default=0, ge=0, le=1000)
+
+    @pydantic.model_validator(mode="after")
+    def _one_key_a_vertex(self) -> TrustGraphSpec:
+        seen: set[str] = set()
+        for vertex in self.vertices:
+            if vertex.id in seen:
+                raise ValueError(f"vertex {vertex.id!r} is listed twice: a vertex has one key")
+            seen.add(vertex.id)
+        return self
 
 
 # -- KarsSandbox ----------------------------------------------------------------------------

@@ -287,3 +287,72 @@ def test_snapshot_lookup_is_a_dictionary_hit() -> None:
     snap = snapshot.Snapshot([entry], generation=1, now=NOW)
     assert snap.mcp_server("n", "m") is res
     assert snap.mcp_server("other", "m") is None
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2030-01-01T00:00:00Z", dt.datetime(2030, 1, 1, tzinfo=dt.UTC)),
+        ("2030-01-01t00:00:00z", dt.datetime(2030, 1, 1, tzinfo=dt.UTC)),  # RFC 3339 §5.6: either case
+        ("2030-01-01T01:00:00.5+01:00", dt.datetime(2030, 1, 1, 0, 0, 0, 500_000, tzinfo=dt.UTC)),
+        ("2030-01-01T00:00:00.123456789Z", dt.datetime(2030, 1, 1, 0, 0, 0, 123_456, tzinfo=dt.UTC)),
+    ],
+)
+def test_rfc_3339_timestamps(text: str, expected: dt.datetime) -> None:
+    assert model.parse_timestamp(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["20300101T000000Z", "2030-W01-1T00:00:00Z", "2030-01-01T00:00Z", "2030-01-01", "2030-02-30T00:00:00Z", "+01"],
+)
+def test_other_iso_8601_forms_are_not_rfc_3339(text: str) -> None:
+    """Python's fromisoformat takes these; the API server's date-time format does not."""
+    with pytest.raises(ValueError, match="not an RFC 3339 timestamp"):
+        model.parse_timestamp(text)
+    with pytest.raises(ValueError, match="needs a UTC offset"):
+        model.parse_timestamp("2030-01-01T00:00:00")
+
+
+def test_a_vertex_listed_twice_is_refused(policy_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two keys for one vertex: the graph says which signs for it, not the last one listed."""
+    one, two = (_b64u(ed25519.Ed25519PrivateKey.generate().public_key().public_bytes_raw()) for _ in range(2))
+    graph = {
+        "apiVersion": "kars.azure.com/v1alpha1",
+        "kind": "TrustGraph",
+        "metadata": {"name": "mesh"},
+        "spec": {"vertices": [{"id": "ns/a", "publicKeyB64u": one}, {"id": "ns/a", "publicKeyB64u": two}]},
+    }
+    (policy_dir / "TrustGraph.json").write_text(json.dumps(graph))
+    (line,) = load.load_dir(policy_dir).lines()
+    assert "vertex 'ns/a' is listed twice: a vertex has one key" in line
+
+
+def test_policy_validate_names_the_edges_that_will_not_count(
+    policy_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Valid (exit 0), as the router loads it, but each dropped edge is a warning with its reason."""
+    alice = ed25519.Ed25519PrivateKey.generate()
+    graph = {
+        "apiVersion": "kars.azure.com/v1alpha1",
+        "kind": "TrustGraph",
+        "metadata": {"name": "mesh"},
+        "spec": {
+            "minScore": 500,
+            "vertices": [{"id": "ns/alice", "publicKeyB64u": _b64u(alice.public_key().public_bytes_raw())}],
+            "edges": [
+                _edge(alice, "ns/alice", "ns/bob", 800),
+                _edge(alice, "ns/alice", "ns/carol", 100),
+                _edge(alice, "ns/alice", "ns/dave", 900, not_after="2021-01-01T00:00:00Z"),
+            ],
+        },
+    }
+    (policy_dir / "TrustGraph.json").write_text(json.dumps(graph))
+    assert cli.main(["policy", "validate", str(policy_dir)]) == 0
+    out, err = capsys.readouterr()
+    where = f"{policy_dir / 'TrustGraph.json'}:1: warning:"
+    assert out.splitlines() == [
+        f"{where} edge ns/alice -> ns/carol dropped: score 100 below minScore 500",
+        f"{where} edge ns/alice -> ns/dave dropped: expired at 2021-01-01T00:00:00Z",
+    ]
+    assert err == f"ok: 1 resources in {policy_dir}, 2 warnings\n"
