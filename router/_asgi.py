@@ -48,10 +48,13 @@ def client_host(scope: Scope) -> str | None:
 
 @functools.lru_cache(maxsize=4096)
 def parse_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The peer's address; an IPv4 peer on a dual-stack socket (``::ffff:10.0.0.1``) as IPv4,
+    so it matches IPv4 CIDRs and ``127.0.0.1`` is loopback."""
     try:
-        return ipaddress.ip_address(host)
+        ip = ipaddress.ip_address(host)
     except ValueError:
         return None
+    return ip.ipv4_mapped or ip if isinstance(ip, ipaddress.IPv6Address) else ip
 
 
 def is_loopback(scope: Scope) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -17,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from router import _asgi
 from router.identity import devtokens, verifier
 from tests.fakes import oidc
 from tests.support import servers, tokens
@@ -289,3 +291,12 @@ def test_identity_rejections_are_counted(router_server: Callable[..., Any]) -> N
     metrics = httpx.get(f"{srv.url}/metrics").text
     assert 'kars_identity_rejections_total{code="missing_credentials"} 1.0' in metrics
     assert 'kars_identity_rejections_total{code="invalid_credentials"} 1.0' in metrics
+
+
+def test_an_ipv4_peer_on_a_dual_stack_socket_is_an_ipv4_peer() -> None:
+    """Served on ``::``, an IPv4 caller's address is ``::ffff:a.b.c.d``: it must still match
+    IPv4 trustedProxies CIDRs, and ``::ffff:127.0.0.1`` is loopback (sidecar mode, admin)."""
+    assert _asgi.parse_ip("::ffff:10.0.0.1") in ipaddress.ip_network("10.0.0.0/8")
+    assert _asgi.is_loopback({"client": ("::ffff:127.0.0.1", 50000)})
+    assert not _asgi.is_loopback({"client": ("::ffff:10.0.0.1", 50000)})
+    assert _asgi.parse_ip("fd00::1") == ipaddress.ip_address("fd00::1")
