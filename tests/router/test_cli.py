@@ -93,17 +93,20 @@ def test_router_freezes_its_heap_at_start_and_after_each_policy_change(tmp_path:
     assert len(frozen) == 2, err
 
 
-def test_router_refuses_bad_settings_with_a_clear_message(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KARS_")}
-    env["KARS_LIMITS_MAX_BODY_BYTES"] = "-1"
-    proc = subprocess.run(
-        [sys.executable, "-m", "router", "router", "--policy-dir", str(tmp_path / "missing")],
-        env=env,
+def refused_router(cwd: Path, policy_dir: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """``kars router`` that stops at start, run to its exit (no KARS_* from the outside but ``env``)."""
+    return subprocess.run(
+        [sys.executable, "-m", "router", "router", "--policy-dir", str(policy_dir)],
+        env={k: v for k, v in os.environ.items() if not k.startswith("KARS_")} | env,
         capture_output=True,
         text=True,
         timeout=60,
-        cwd=tmp_path,
+        cwd=cwd,
     )
+
+
+def test_router_refuses_bad_settings_with_a_clear_message(tmp_path: Path) -> None:
+    proc = refused_router(tmp_path, tmp_path / "missing", KARS_LIMITS_MAX_BODY_BYTES="-1")
     assert proc.returncode == 2
     assert "limits.maxBodyBytes: Input should be greater than or equal to 1" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -160,16 +163,7 @@ def test_a_dev_key_that_cannot_be_used_is_one_line_and_exit_2(
 
 def test_router_refuses_a_dev_key_it_cannot_use_with_one_line(tmp_path: Path) -> None:
     (tmp_path / "key.pem").write_text("garbage")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KARS_")}
-    env["KARS_IDENTITY_DEV_KEY_FILE"] = str(tmp_path / "key.pem")
-    proc = subprocess.run(
-        [sys.executable, "-m", "router", "router", "--policy-dir", str(ROOT / "examples")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
+    proc = refused_router(tmp_path, ROOT / "examples", KARS_IDENTITY_DEV_KEY_FILE=str(tmp_path / "key.pem"))
     assert (proc.returncode, proc.stderr) == (
         2,
         f"kars: identity.devKeyFile: {tmp_path / 'key.pem'}: not a PEM private key\n",

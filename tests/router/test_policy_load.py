@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -209,6 +210,12 @@ def _edge(key: ed25519.Ed25519PrivateKey, src: str, dst: str, score: int, not_af
     return edge.model_dump(by_alias=True, exclude_none=True) | {"signature": _b64u(sig)}
 
 
+def write_graph(policy_dir: Path, name: str, **spec: Any) -> None:
+    """A TrustGraph ``name`` with ``spec`` (its keys as in the CRD), as the controller projects it."""
+    doc = {"apiVersion": "kars.azure.com/v1alpha1", "kind": "TrustGraph", "metadata": {"name": name}, "spec": spec}
+    (policy_dir / f"{name}.json").write_text(json.dumps(doc))
+
+
 def test_trustgraph_edges_verified_at_load(policy_dir: Path) -> None:
     alice, bob, mallory = (ed25519.Ed25519PrivateKey.generate() for _ in range(3))
     pub = {
@@ -216,23 +223,15 @@ def test_trustgraph_edges_verified_at_load(policy_dir: Path) -> None:
         for n, k in (("ns/alice", alice), ("ns/bob", bob))
     }
     forged = _edge(mallory, "ns/bob", "ns/alice", 900)  # bob's name, mallory's key
-    graph = {
-        "apiVersion": "kars.azure.com/v1alpha1",
-        "kind": "TrustGraph",
-        "metadata": {"name": "mesh"},
-        "spec": {
-            "minScore": 500,
-            "vertices": [{"id": v, "publicKeyB64u": k} for v, k in pub.items()],
-            "edges": [
-                _edge(alice, "ns/alice", "ns/bob", 800),
-                forged,
-                _edge(alice, "ns/alice", "ns/carol", 100),
-                _edge(alice, "ns/alice", "ns/dave", 900, not_after="2026-11-01T00:00:00Z"),
-                _edge(alice, "ns/alice", "ns/erin", 900, not_after="2026-11-22T12:30:00Z"),
-            ],
-        },
-    }
-    (policy_dir / "TrustGraph.json").write_text(json.dumps(graph))
+    edges = [
+        _edge(alice, "ns/alice", "ns/bob", 800),
+        forged,
+        _edge(alice, "ns/alice", "ns/carol", 100),
+        _edge(alice, "ns/alice", "ns/dave", 900, not_after="2026-11-01T00:00:00Z"),
+        _edge(alice, "ns/alice", "ns/erin", 900, not_after="2026-11-22T12:30:00Z"),
+    ]
+    vertices = [{"id": v, "publicKeyB64u": k} for v, k in pub.items()]
+    write_graph(policy_dir, "mesh", minScore=500, vertices=vertices, edges=edges)
     st = store.PolicyStore(policy_dir, model.SafetyFloor(), clock=lambda: NOW)
     st._reload_blocking()
     snap = st.snapshot
@@ -260,13 +259,7 @@ def test_a_pair_vouched_for_by_two_graphs_outlives_the_stronger_edge(policy_dir:
         ("strong", _edge(alice, "ns/alice", "ns/bob", 900, not_after="2026-11-22T12:30:00Z")),
         ("lasting", _edge(alice, "ns/alice", "ns/bob", 600)),
     ):
-        graph = {
-            "apiVersion": "kars.azure.com/v1alpha1",
-            "kind": "TrustGraph",
-            "metadata": {"name": name},
-            "spec": {"minScore": 500, "vertices": vertices, "edges": [edge]},
-        }
-        (policy_dir / f"{name}.json").write_text(json.dumps(graph))
+        write_graph(policy_dir, name, minScore=500, vertices=vertices, edges=[edge])
     st = store.PolicyStore(policy_dir, model.SafetyFloor(), clock=lambda: NOW)
     st._reload_blocking()
     assert st.snapshot.trust_edge("ns/alice", "ns/bob", NOW).score == 900  # type: ignore[union-attr]
@@ -317,13 +310,9 @@ def test_other_iso_8601_forms_are_not_rfc_3339(text: str) -> None:
 def test_a_vertex_listed_twice_is_refused(policy_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Two keys for one vertex: the graph says which signs for it, not the last one listed."""
     one, two = (_b64u(ed25519.Ed25519PrivateKey.generate().public_key().public_bytes_raw()) for _ in range(2))
-    graph = {
-        "apiVersion": "kars.azure.com/v1alpha1",
-        "kind": "TrustGraph",
-        "metadata": {"name": "mesh"},
-        "spec": {"vertices": [{"id": "ns/a", "publicKeyB64u": one}, {"id": "ns/a", "publicKeyB64u": two}]},
-    }
-    (policy_dir / "TrustGraph.json").write_text(json.dumps(graph))
+    write_graph(
+        policy_dir, "mesh", vertices=[{"id": "ns/a", "publicKeyB64u": one}, {"id": "ns/a", "publicKeyB64u": two}]
+    )
     (line,) = load.load_dir(policy_dir).lines()
     assert "vertex 'ns/a' is listed twice: a vertex has one key" in line
 
@@ -333,24 +322,16 @@ def test_policy_validate_names_the_edges_that_will_not_count(
 ) -> None:
     """Valid (exit 0), as the router loads it, but each dropped edge is a warning with its reason."""
     alice = ed25519.Ed25519PrivateKey.generate()
-    graph = {
-        "apiVersion": "kars.azure.com/v1alpha1",
-        "kind": "TrustGraph",
-        "metadata": {"name": "mesh"},
-        "spec": {
-            "minScore": 500,
-            "vertices": [{"id": "ns/alice", "publicKeyB64u": _b64u(alice.public_key().public_bytes_raw())}],
-            "edges": [
-                _edge(alice, "ns/alice", "ns/bob", 800),
-                _edge(alice, "ns/alice", "ns/carol", 100),
-                _edge(alice, "ns/alice", "ns/dave", 900, not_after="2021-01-01T00:00:00Z"),
-            ],
-        },
-    }
-    (policy_dir / "TrustGraph.json").write_text(json.dumps(graph))
+    vertices = [{"id": "ns/alice", "publicKeyB64u": _b64u(alice.public_key().public_bytes_raw())}]
+    edges = [
+        _edge(alice, "ns/alice", "ns/bob", 800),
+        _edge(alice, "ns/alice", "ns/carol", 100),
+        _edge(alice, "ns/alice", "ns/dave", 900, not_after="2021-01-01T00:00:00Z"),
+    ]
+    write_graph(policy_dir, "mesh", minScore=500, vertices=vertices, edges=edges)
     assert cli.main(["policy", "validate", str(policy_dir)]) == 0
     out, err = capsys.readouterr()
-    where = f"{policy_dir / 'TrustGraph.json'}:1: warning:"
+    where = f"{policy_dir / 'mesh.json'}:1: warning:"
     assert out.splitlines() == [
         f"{where} edge ns/alice -> ns/carol dropped: score 100 below minScore 500",
         f"{where} edge ns/alice -> ns/dave dropped: expired at 2021-01-01T00:00:00Z",
