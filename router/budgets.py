@@ -122,7 +122,7 @@ def _choices(body: dict[str, Any]) -> int:
 def _output_field(route: inference.InferenceRoute, query: bytes) -> str | None:
     """The field that bounds the output of ``route``'s endpoint (None: the endpoint has none)."""
     if route.endpoint == "chat/completions":
-        if route.upstream_path[: len(inference.MODELS_PREFIX)].lower() == inference.MODELS_PREFIX:
+        if inference.starts(route.upstream_path, inference.MODELS_PREFIX):
             return "max_tokens"
         return "max_tokens" if inference.predates(query, MAX_COMPLETION_TOKENS_SINCE) else "max_completion_tokens"
     if route.endpoint == "completions":

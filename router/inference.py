@@ -44,8 +44,8 @@ class InferenceRoute:
         return self.action not in ("other",)
 
 
-def _starts(path: str, prefix: str) -> bool:
-    """``path`` begins with ``prefix``, in any case (as the endpoint is matched: see ``_action``)."""
+def starts(path: str, prefix: str) -> bool:
+    """``path`` begins with ``prefix``, in any case (as the endpoint is matched: see ``_route``)."""
     return path[: len(prefix)].lower() == prefix
 
 
@@ -68,21 +68,21 @@ def classify(path: str) -> InferenceRoute | None:
         segments = path.split("/")[1:]
         if any(s in ("", ".", "..") for s in segments):
             return None
-    if _starts(path, V1_ALIAS_PREFIX):
+    if starts(path, V1_ALIAS_PREFIX):
         path = "/openai" + path
-    if _starts(path, DEPLOYMENTS_PREFIX):
+    if starts(path, DEPLOYMENTS_PREFIX):
         rest = path[len(DEPLOYMENTS_PREFIX) :]
         deployment, _, endpoint = rest.partition("/")
         if not deployment or not endpoint:
             return None
         return _route(endpoint, deployment, path)
-    if _starts(path, OPENAI_V1_PREFIX):
+    if starts(path, OPENAI_V1_PREFIX):
         return _route(path[len(OPENAI_V1_PREFIX) :], None, path)
-    if _starts(path, OPENAI_PREFIX) and len(path) > len(OPENAI_PREFIX):
+    if starts(path, OPENAI_PREFIX) and len(path) > len(OPENAI_PREFIX):
         # Azure OpenAI's dated data plane without a deployment in the path (the AzureOpenAI SDK
         # calls /openai/responses?api-version=..., /openai/files, /openai/models): "model" is in the body.
         return _route(path[len(OPENAI_PREFIX) :], None, path)
-    if _starts(path, MODELS_PREFIX):
+    if starts(path, MODELS_PREFIX):
         return _route(path[len(MODELS_PREFIX) :], None, path)
     return None
 
